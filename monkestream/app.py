@@ -1,0 +1,397 @@
+"""The application: the routes, and the pipelines that tie the hub to SQLite and the charts.
+
+Theory of operation
+-------------------
+Rule 1: every price, from HTTP or from the demo feed, enters through
+        ``ingest()``: validated, published on ``ticker:SYMBOL`` and nothing
+        else. The store and the chart cache are subscribers like any other.
+Rule 2: the store pipeline is ``subscription → buffer_time → SQLite``; the
+        chart pipeline is ``subscription → group_by(symbol) → throttle_time``.
+        Ingest refuses (503) rather than let unwritten tickers grow past
+        ``MAX_UNPERSISTED``, so memory stays bounded and nothing accepted is lost.
+Rule 3: shutdown runs in order: stop accepting, end the streams, end the
+        pipelines' subscriptions (buffer_time emits the last window), write
+        it, record a clean end of the run, close the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Any
+
+from . import charts as charts_mod
+from .charts import ChartCache
+from .config import Config
+from .hub import Event, Hub, Policy, Subscription
+from .http11 import chunk
+from .ops import buffer_time, pipe
+from .server import EventStream, Exchange, HTTPError, Response, Router, Server, json_response
+from .sse import EventId, encode_event
+from .store import Store
+from .ticker import MAX_BULK_TICKERS, InvalidTicker, Ticker, loads, parse_symbol, parse_ticker
+
+log = logging.getLogger("monkestream")
+
+MAX_UNPERSISTED = 500_000        # tickers accepted but not yet in SQLite
+STORE_WINDOW_MAX_ROWS = 100_000  # a window is written early when it reaches this
+HISTORY_DEFAULT_LIMIT = 500
+MAX_STREAM_TOPICS = 32
+TOPIC_KINDS = ("ticker", "room")
+
+
+def ticker_topic(symbol: str) -> str:
+    return "ticker:" + symbol
+
+
+class App:
+    """The hub, the store, the charts and the HTTP routes, with their life cycle."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Store(config.db)
+        self.hub = Hub(epoch=0, replay_events=config.replay_events,
+                       conflate=lambda topic: topic.startswith("ticker:"), wire_framing=chunk)
+        self.charts = ChartCache(max_symbols=config.max_topics)
+        self.router = Router()
+        self.server = Server(config, self.hub, self.router)
+        self.started_at = time.time()
+        self.unpersisted = 0
+        self.ingested = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subs: list[Subscription] = []
+        self._token = config.token.encode()
+        self._routes()
+
+    # -- life cycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the database, warm the charts, start the pipelines and listen."""
+        self.hub.epoch = await self.store.open()
+        await self._warm_charts()
+        store_sub = self.hub.subscribe("ticker:*", maxsize=MAX_UNPERSISTED + MAX_BULK_TICKERS,
+                                       policy=Policy.CLOSE)
+        chart_sub = self.hub.subscribe("ticker:*", maxsize=self.config.max_topics, policy=Policy.CONFLATE)
+        self._subs = [store_sub, chart_sub]
+        self._tasks = [asyncio.create_task(self._persist(store_sub), name="persist"),
+                       asyncio.create_task(self._chart(chart_sub), name="charts")]
+        await self.server.start()
+
+    async def stop(self) -> None:
+        """Stop without losing anything published before the call."""
+        await self.server.stop()
+        for sub in self._subs:
+            sub.close()
+        for task in self._tasks:
+            try:
+                await task
+            except Exception:  # noqa: BLE001 - a task root: logged at shutdown
+                log.exception("pipeline %s failed", task.get_name())
+        await self.store.close(self.hub.seq)
+
+    async def _warm_charts(self) -> None:
+        now = int(time.time())
+        for name, window in charts_mod.WINDOWS.items():
+            seed = await self.store.chart_seed(now - window.span_s, window.step_s,
+                                               window.points * self.config.max_topics)
+            self.charts.warm(name, seed)
+        for ticker in await self.store.latest(self.config.max_topics):
+            self.charts.note_latest(ticker)
+
+    async def _persist(self, sub: Subscription) -> None:
+        """subscription → buffer_time(flush_interval) → one SQLite transaction per window."""
+        windows = pipe(sub.batches(), buffer_time(self.config.flush_interval, emit_empty=False))
+        async for window in windows:
+            rows = [(event.seq, event.data) for batch in window for event in batch]
+            while rows:
+                part, rows = rows[:STORE_WINDOW_MAX_ROWS], rows[STORE_WINDOW_MAX_ROWS:]
+                await self.store.append_tickers(part)
+                self.unpersisted -= len(part)
+
+    async def _chart(self, sub: Subscription) -> None:
+        async def tickers() -> Any:
+            async for event in sub:
+                yield event.data
+        await self.charts.run(tickers())
+
+    # -- ingest ---------------------------------------------------------------------
+
+    def ingest(self, tickers: list[Ticker]) -> list[Event]:
+        """Publish validated tickers, all or none; HTTPError when they cannot be taken now."""
+        if self.unpersisted + len(tickers) > MAX_UNPERSISTED:
+            raise HTTPError(503, "the database is behind; retry shortly", [("Retry-After", "1")])
+        hub = self.hub
+        new_topics = {t.symbol for t in tickers if ticker_topic(t.symbol) not in hub.topics}
+        if new_topics and len(hub.topics) + len(new_topics) > self.config.max_topics:
+            raise HTTPError(503, "too many symbols", [("Retry-After", "60")])
+        events = []
+        for ticker in tickers:
+            events.append(hub.publish(ticker_topic(ticker.symbol), "price_update", ticker,
+                                      json_text=ticker.to_json()))
+            self.charts.note_latest(ticker)
+        self.unpersisted += len(tickers)
+        self.ingested += len(tickers)
+        return events
+
+    def _authorize(self, ex: Exchange) -> None:
+        if not self._token:
+            return
+        given = ex.request.header("authorization") or ""
+        scheme, _, credentials = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), self._token):
+            raise HTTPError(401, "a valid bearer token is required",
+                            [("WWW-Authenticate", 'Bearer realm="monkestream"')])
+
+    def post_price(self, ex: Exchange) -> Response:
+        self._authorize(ex)
+        try:
+            symbol = parse_symbol(ex.params["symbol"])
+            ticker = parse_ticker(loads(ex.request.body), symbol)
+        except InvalidTicker as exc:
+            raise HTTPError(exc.status, str(exc)) from None
+        self.ingest([ticker])
+        return Response(201, ticker.to_json().encode())
+
+    def post_tickers(self, ex: Exchange) -> Response:
+        self._authorize(ex)
+        try:
+            body = loads(ex.request.body)
+            if not isinstance(body, list):
+                raise InvalidTicker("body", "must be a JSON array of tickers", 400)
+            if len(body) > MAX_BULK_TICKERS:
+                raise InvalidTicker("body", f"holds more than {MAX_BULK_TICKERS} tickers", 413)
+            tickers = []
+            for i, item in enumerate(body):
+                try:
+                    tickers.append(parse_ticker(item))
+                except InvalidTicker as exc:
+                    raise InvalidTicker(f"[{i}].{exc.field}", str(exc).split(": ", 1)[1], exc.status) from None
+        except InvalidTicker as exc:
+            raise HTTPError(exc.status, str(exc)) from None
+        self.ingest(tickers)
+        return Response(201, ("[" + ",".join(t.to_json() for t in tickers) + "]").encode())
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def get_history(self, ex: Exchange) -> Response:
+        symbol = _symbol(ex)
+        params = ex.request.query_params()
+        since = _int_param(params, "since", None, 0, 2**40)
+        until = _int_param(params, "until", None, 0, 2**40)
+        limit = _int_param(params, "limit", HISTORY_DEFAULT_LIMIT, 1, 10000)
+        rows = await self.store.history(symbol, since, until, limit or HISTORY_DEFAULT_LIMIT)
+        return json_response({"symbol": symbol, "tickers": [t.to_dict() for t in rows]})
+
+    def get_chart(self, ex: Exchange) -> Response:
+        symbol = _symbol(ex)
+        window = _one(ex.request.query_params(), "window") or "5m"
+        if window not in charts_mod.WINDOWS:
+            raise HTTPError(400, f"window: must be one of {', '.join(charts_mod.WINDOWS)}")
+        points = self.charts.points(symbol, window, time.time())
+        return json_response({"symbol": symbol, "window": window, "points": points})
+
+    def get_symbols(self, ex: Exchange) -> Response:
+        latest = sorted(self.charts.latest.values())
+        return json_response({"symbols": [t.to_dict() for t in latest]})
+
+    def get_healthz(self, ex: Exchange) -> Response:
+        return json_response({
+            "status": "ok" if self.server.accepting else "stopping",
+            "uptime": round(time.time() - self.started_at, 3),
+            "streams": len(self.server.streams),
+            "topics": len(self.hub.topics),
+            "lastEventId": str(self.hub.last_id()),
+            "unpersisted": self.unpersisted,
+            "config": self.config.summary(),
+        })
+
+    def get_index(self, ex: Exchange) -> Response:
+        return json_response({
+            "name": "monkestream",
+            "endpoints": [
+                "GET /ticker/{symbol}/event", "POST /ticker/{symbol}/price", "POST /tickers",
+                "GET /ticker/{symbol}/history", "GET /ticker/{symbol}/chart?window=5m|1h|1d",
+                "GET /symbols", "GET /events?topic=ticker:SYMBOL", "GET /healthz",
+            ],
+        })
+
+    # -- streams ------------------------------------------------------------------------
+
+    def ticker_events(self, ex: Exchange) -> EventStream:
+        return self._stream(ex, [ticker_topic(_symbol(ex))])
+
+    def multiplexed_events(self, ex: Exchange) -> EventStream:
+        params = ex.request.query_params()
+        topics = list(dict.fromkeys(params.get("topic", [])))
+        if not topics:
+            raise HTTPError(400, "topic: give at least one, e.g. ?topic=ticker:DOGE")
+        if len(topics) > MAX_STREAM_TOPICS:
+            raise HTTPError(400, f"topic: at most {MAX_STREAM_TOPICS} per stream")
+        return self._stream(ex, [self._check_topic(t) for t in topics])
+
+    def _check_topic(self, topic: str) -> str:
+        kind, _, name = topic.partition(":")
+        if kind == "ticker":
+            try:
+                return ticker_topic(parse_symbol(name))
+            except InvalidTicker:
+                raise HTTPError(400, f"topic: {topic!r} has an invalid symbol") from None
+        raise HTTPError(400, f"topic: {topic!r} must start with one of {', '.join(k + ':' for k in TOPIC_KINDS)}")
+
+    def _stream(self, ex: Exchange, topics: list[str]) -> EventStream:
+        last_id = ex.request.header("last-event-id")
+        if last_id is None:
+            last_id = _one(ex.request.query_params(), "lastEventId")
+        new = [t for t in topics if t not in self.hub.topics]
+        if new and len(self.hub.topics) + len(new) > self.config.max_topics:
+            raise HTTPError(503, "too many topics", [("Retry-After", "60")])
+
+        async def prepare() -> list[bytes]:
+            return await self.backlog(topics, last_id)
+        return EventStream(topics, prepare)
+
+    async def backlog(self, topics: list[str], last_id: str | None) -> list[bytes]:
+        """The frames a stream starts with: replay after ``last_id`` or reset notices, then its position.
+
+        The final ``id:``-only frame tells the client where it stands, so a
+        stream dropped before its first event still resumes without a gap.
+        """
+        frames: list[bytes] = []
+        if last_id is not None and last_id != "":
+            after = EventId.parse(last_id)
+            replayed: list[tuple[EventId, bytes]] = []
+            reset: list[str] = []
+            for topic in topics:
+                got = await self._replay(topic, after) if after is not None else None
+                if got is None:
+                    reset.append(topic)
+                else:
+                    replayed.extend(got)
+            if reset:
+                frames.append(encode_event("reset", _dumps_reset(reset, last_id)))
+            replayed.sort(key=lambda pair: pair[0])
+            frames.extend(frame for _id, frame in replayed)
+        frames.append(b"id: %s\n\n" % str(self.hub.last_id()).encode())
+        return frames
+
+    async def _replay(self, topic: str, after: EventId) -> list[tuple[EventId, bytes]] | None:
+        """Events of ``topic`` after ``after`` from the ring, else SQLite + ring; None: cannot cover."""
+        hub = self.hub
+        events = hub.replay(topic, after)
+        if events is not None:
+            return [(e.id, e.frame) for e in events]
+        if not topic.startswith("ticker:") or after.seq > (hub.seq if after.epoch == hub.epoch else 2**63):
+            return None
+        if after.epoch > hub.epoch or not self.store.covers(after):
+            return None
+        stored = await self.store.replay(topic[len("ticker:"):], after)
+        if stored is None:
+            return None
+        # after the await: the ring must hold everything of this run not in ``stored``
+        from_store = [(s.id, encode_event("price_update", s.ticker.to_json(), str(s.id))) for s in stored]
+        mark = max((s.id for s in stored if s.id.epoch == hub.epoch), default=EventId(hub.epoch, 0))
+        if after.epoch == hub.epoch:
+            mark = max(mark, after)
+        tail = hub.replay(topic, mark)
+        if tail is None:
+            return None
+        return from_store + [(e.id, e.frame) for e in tail]
+
+    # -- routes -------------------------------------------------------------------------
+
+    def _routes(self) -> None:
+        add = self.router.add
+        add("GET", "/", self.get_index)
+        add("GET", "/healthz", self.get_healthz)
+        add("GET", "/symbols", self.get_symbols)
+        add("POST", "/tickers", self.post_tickers)
+        add("POST", "/ticker/{symbol}/price", self.post_price)
+        add("GET", "/ticker/{symbol}/event", self.ticker_events)
+        add("GET", "/ticker/{symbol}/history", self.get_history)
+        add("GET", "/ticker/{symbol}/chart", self.get_chart)
+        add("GET", "/events", self.multiplexed_events)
+
+
+def _dumps_reset(topics: list[str], last_id: str) -> str:
+    from .jsontext import dumps
+    return dumps({"topics": topics, "lastEventId": last_id,
+                  "reason": "the events after this id are no longer held; refetch state"})
+
+
+def _symbol(ex: Exchange) -> str:
+    try:
+        return parse_symbol(ex.params["symbol"])
+    except InvalidTicker as exc:
+        raise HTTPError(400, str(exc)) from None
+
+
+def _one(params: dict[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    return values[-1] if values else None
+
+
+def _int_param(params: dict[str, list[str]], name: str, default: int | None, low: int, high: int) -> int | None:
+    text = _one(params, name)
+    if text is None or text == "":
+        return default
+    if not (text.isascii() and text.lstrip("-").isdigit()) or len(text) > 20:
+        raise HTTPError(400, f"{name}: must be an integer")
+    value = int(text)
+    if not low <= value <= high:
+        raise HTTPError(400, f"{name}: must be between {low} and {high}")
+    return value
+
+
+async def serve(config: Config) -> None:
+    """Run the server until SIGTERM or SIGINT, then stop without losing anything."""
+    import signal
+
+    from .clock import AsyncioScheduler
+    from .demo import DemoFeed
+
+    loop = asyncio.get_running_loop()
+    app = App(config)
+    if config.certfile:
+        import ssl
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(config.certfile, config.keyfile)
+        app.server.ssl_context = context
+    await app.start()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    demo = None
+    if not config.no_demo:
+        demo = DemoFeed(app.ingest, AsyncioScheduler(loop), time.time)
+        demo.start()
+    scheme = "https" if config.certfile else "http"
+    log.info("monkestream listening on %s://%s:%d (loop: %s, epoch %d, db %s, demo %s)",
+             scheme, config.host, app.server.port, _loop_name(loop), app.hub.epoch, config.db,
+             "off" if demo is None else "on")
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping: ending streams and flushing the last window")
+        if demo is not None:
+            demo.stop()
+        await app.stop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        log.info("stopped cleanly (last event id %s)", app.hub.last_id())
+
+
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def run(config: Config) -> None:
+    """Run ``serve`` on uvloop when it is installed, else on the default asyncio loop."""
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))

@@ -1,0 +1,590 @@
+"""The HTTP/1.1 server: one ``asyncio.Protocol`` per connection, a router, and event streams.
+
+Theory of operation
+-------------------
+Rule 1: this is the only module that touches transports. Bytes go into the
+        sans-IO parser (``http11``); requests come out and are answered in
+        order, one at a time per connection, so pipelined requests keep their
+        order even when a handler awaits.
+Rule 2: exceptions become responses in exactly one place (``_answer``): an
+        ``HTTPError`` is its status with a JSON ``{"error": ...}`` body, a
+        ``ProtocolError`` is its status hint and a closed connection, and
+        anything else is a 500 that is logged once and counted.
+Rule 3: an event stream costs no task and no timer of its own: the hub writes
+        to its transport, ``pause_writing``/``resume_writing`` drive the
+        slow-consumer policy, and one shared tick sends heartbeats and closes
+        streams that stalled or reached their maximum age.
+Rule 4: every connection is bounded in time: a request's head and body must
+        arrive within the header timeout (else 408), and an idle keep-alive
+        connection closes after its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import heapq
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterable, Union
+
+from . import http11
+from .config import Config
+from .errors import ProtocolError
+from .hub import CloseReason, Hub, Stream
+from .jsontext import dumps
+from .sse import encode_comment, encode_retry
+
+log = logging.getLogger("monkestream")
+
+TICK_S = 0.5                 # the shared timer's period (heartbeats, stalls, max age)
+MAX_STREAM_INPUT_BYTES = 64 * 1024   # what a streaming client may send before it is cut off
+SHUTDOWN_GRACE_S = 5.0
+
+SSE_HEADERS = (
+    ("Cache-Control", "no-cache"),
+    ("Content-Type", "text/event-stream"),
+    ("Connection", "keep-alive"),
+)
+HEARTBEAT = encode_comment()
+
+
+class HTTPError(Exception):
+    """Answer the request with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+@dataclass(slots=True)
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def json_response(value: Any, status: int = 200, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    return Response(status, dumps(value).encode(), "application/json", list(headers))
+
+
+@dataclass(slots=True)
+class EventStream:
+    """What a handler returns to open an event stream on its connection.
+
+    ``prepare`` runs after the response head is sent and returns the frames
+    to write before going live (replay, a reset notice, a member list); the
+    stream is attached to the hub in the same loop step that it returns, so
+    nothing published in between is missed. ``on_close`` runs once, whatever
+    ends the stream.
+    """
+
+    topics: list[str]
+    prepare: Callable[[], Awaitable[list[bytes]]] | None = None
+    on_close: Callable[[], object] | None = None
+
+
+Result = Union[Response, EventStream]
+Handler = Callable[["Exchange"], Union[Result, Awaitable[Result]]]
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request, its path parameters and who sent it."""
+
+    request: http11.Request
+    params: dict[str, str]
+    client: str
+
+
+class Router:
+    """Method + path pattern → handler; ``{name}`` matches one non-empty path segment."""
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+        for existing, methods in self._routes:
+            if existing.pattern == regex.pattern:
+                methods[method] = handler
+                return
+        self._routes.append((regex, {method: handler}))
+
+    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        for regex, methods in self._routes:
+            m = regex.match(path)
+            if m is None:
+                continue
+            handler = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
+            if handler is None:
+                allow = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()) | {"OPTIONS"}))
+                raise HTTPError(405, f"method {method} is not allowed here", [("Allow", allow)])
+            return handler, m.groupdict()
+        raise HTTPError(404, "no such resource")
+
+
+class _Clock:
+    """The Date header, formatted at most once a second."""
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._text = ""
+
+    def date(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._text = email.utils.formatdate(now, usegmt=True)
+        return self._text
+
+
+class Server:
+    """Listens, answers requests through the router, and keeps the streams."""
+
+    def __init__(self, config: Config, hub: Hub, router: Router) -> None:
+        self.config = config
+        self.hub = hub
+        self.router = router
+        self.connections: set[Connection] = set()
+        self.streams: set[Connection] = set()
+        self.streams_by_client: dict[str, int] = {}
+        self.requests_by_status: dict[int, int] = {}
+        self.errors = 0
+        self.accepting = False
+        self._server: asyncio.AbstractServer | None = None
+        self._tick: asyncio.TimerHandle | None = None
+        self._last_heartbeat = 0.0
+        self._deadlines: list[tuple[float, int, Connection]] = []
+        self._clock = _Clock()
+        self._origins = config.allowed_origins
+        self.ssl_context: Any = None
+
+    # -- life cycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Connection(self), self.config.host, self.config.port,
+            backlog=4096, reuse_address=True, ssl=self.ssl_context)
+        self.accepting = True
+        self._last_heartbeat = loop.time()
+        self._tick = loop.call_later(TICK_S, self._on_tick)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop accepting, end every stream, let in-flight requests finish (bounded), close all."""
+        self.accepting = False
+        if self._server is not None:
+            self._server.close()
+        if self._tick is not None:
+            self._tick.cancel()
+        self.hub.close_all_streams(CloseReason.SHUTDOWN)
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.close()
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    # -- the shared tick: heartbeats, stalled streams, maximum age -------------
+
+    def _on_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        mono = time.monotonic()
+        config = self.config
+        if now - self._last_heartbeat >= config.heartbeat:
+            quiet_since = mono - config.heartbeat
+            for conn in list(self.streams):
+                stream = conn.stream
+                if stream is None or stream.paused:
+                    continue
+                if all(self.hub.topics[t].last_publish < quiet_since if t in self.hub.topics else True
+                       for t in stream.topics) and conn.stream_started < quiet_since:
+                    conn.write_frames(HEARTBEAT)
+            self._last_heartbeat = now
+        for conn in list(self.streams):
+            stream = conn.stream
+            if stream is not None and stream.paused and mono - stream.paused_at > config.stall_timeout:
+                self.hub.close_stream(stream, CloseReason.PEER_GONE)
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= mono:
+            _, _, conn = heapq.heappop(deadlines)
+            if conn.stream is not None:
+                self.hub.close_stream(conn.stream, CloseReason.MAX_AGE)
+        self._tick = loop.call_later(TICK_S, self._on_tick)
+
+    # -- helpers for connections -----------------------------------------------
+
+    def cors_origin(self, request: http11.Request | None) -> str | None:
+        if "*" in self._origins:
+            return "*"
+        origin = request.header("origin") if request is not None else None
+        return origin if origin in self._origins else None
+
+    def count(self, status: int) -> None:
+        self.requests_by_status[status] = self.requests_by_status.get(status, 0) + 1
+
+    def render(self, status: int, body: bytes, content_type: str | None,
+               headers: Iterable[tuple[str, str]], request: http11.Request | None,
+               keep_alive: bool, head_only: bool = False) -> bytes:
+        fields = [("Date", self._clock.date()), ("Server", "monkestream")]
+        if content_type is not None:
+            fields.append(("Content-Type", content_type))
+        if status not in (204, 304) and not (100 <= status < 200):
+            fields.append(("Content-Length", str(len(body))))
+        origin = self.cors_origin(request)
+        if origin is not None:
+            fields.append(("Access-Control-Allow-Origin", origin))
+            if origin != "*":
+                fields.append(("Vary", "Origin"))
+        fields.extend(headers)
+        if not keep_alive:
+            fields.append(("Connection", "close"))
+        self.count(status)
+        head = http11.response_head(status, fields)
+        return head if head_only or status in (204, 304) else head + body
+
+    def error_bytes(self, status: int, message: str, request: http11.Request | None,
+                    keep_alive: bool, headers: Iterable[tuple[str, str]] = ()) -> bytes:
+        body = dumps({"error": message}).encode()
+        head_only = request is not None and request.method == "HEAD"
+        return self.render(status, body, "application/json", headers, request, keep_alive, head_only)
+
+    def admit_stream(self, client: str) -> None:
+        """Raise HTTPError when one more stream would pass a limit."""
+        if not self.accepting:
+            raise HTTPError(503, "the server is shutting down", [("Retry-After", "1")])
+        if len(self.streams) >= self.config.max_streams:
+            raise HTTPError(503, "too many open streams", [("Retry-After", str(random.randint(1, 5)))])
+        if self.streams_by_client.get(client, 0) >= self.config.max_streams_per_client:
+            raise HTTPError(429, "too many open streams from this address", [("Retry-After", "5")])
+
+    def stream_opened(self, conn: Connection) -> None:
+        self.streams.add(conn)
+        self.streams_by_client[conn.client] = self.streams_by_client.get(conn.client, 0) + 1
+        if self.config.max_stream_age > 0:
+            age = self.config.max_stream_age * random.uniform(0.8, 1.0)
+            heapq.heappush(self._deadlines, (time.monotonic() + age, id(conn), conn))
+
+    def stream_closed(self, conn: Connection) -> None:
+        if conn in self.streams:
+            self.streams.discard(conn)
+            left = self.streams_by_client.get(conn.client, 1) - 1
+            if left:
+                self.streams_by_client[conn.client] = left
+            else:
+                self.streams_by_client.pop(conn.client, None)
+            if self._deadlines:
+                self._deadlines = [d for d in self._deadlines if d[2] is not conn]
+                heapq.heapify(self._deadlines)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parses requests, writes responses, or carries one event stream."""
+
+    __slots__ = ("server", "transport", "parser", "client", "busy", "closing", "stream",
+                 "stream_started", "chunked", "_timer", "_task", "_reading_paused", "_on_close",
+                 "_stream_input", "_awaiting_head")
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser = http11.RequestParser(max_body_bytes=server.config.max_body)
+        self.client = ""
+        self.busy = False
+        self.closing = False
+        self.stream: Stream | None = None
+        self.stream_started = 0.0
+        self.chunked = True
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._reading_paused = False
+        self._on_close: Callable[[], object] | None = None
+        self._stream_input = 0
+        self._awaiting_head = False
+
+    # -- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if isinstance(peer, tuple) else str(peer or "local")
+        self.server.connections.add(self)
+        if not self.server.accepting:
+            transport.abort()
+            return
+        self._arm(self.server.config.header_timeout, self._header_timeout)
+        self._awaiting_head = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+        self._disarm()
+        if self.stream is not None:
+            self.server.hub.close_stream(self.stream, CloseReason.CLIENT)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self.stream is not None or self.closing:
+            self._stream_input += len(data)
+            if self._stream_input > MAX_STREAM_INPUT_BYTES:
+                self.close()
+            return
+        try:
+            self.parser.feed(data)
+        except ProtocolError as exc:
+            self._protocol_error(exc, None)
+            return
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        if self.stream is None and not self.busy:
+            self.close()
+        return True  # keep our side open until responses in progress are written
+
+    def pause_writing(self) -> None:
+        if self.stream is not None:
+            self.server.hub.pause(self.stream)
+        elif self.transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.stream is not None:
+            self.server.hub.resume(self.stream)
+        elif self.transport is not None and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # -- timers -------------------------------------------------------------------
+
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self._awaiting_head = False
+        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        self._awaiting_head = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle_timeout(self) -> None:
+        self._timer = None
+        if not self.busy and self.stream is None:
+            self.close()
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        if not self.busy and self.stream is None and self.transport is not None:
+            self.transport.write(self.server.error_bytes(408, "the request took too long to arrive", None, False))
+            self.close()
+
+    # -- requests -----------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Answer every complete request buffered, in order, until one must wait."""
+        server = self.server
+        while not self.busy and not self.closing and self.stream is None:
+            try:
+                request = self.parser.next_request()
+            except ProtocolError as exc:
+                self._protocol_error(exc, None)
+                return
+            if request is None:
+                if self.parser.wants_continue and self.transport is not None:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    self.parser.continue_sent()
+                if self.parser.in_progress:
+                    if not self._awaiting_head:
+                        self._arm(server.config.header_timeout, self._header_timeout)
+                        self._awaiting_head = True
+                else:
+                    self._arm(server.config.keepalive_timeout, self._idle_timeout)
+                return
+            self._disarm()
+            self._dispatch(request)
+
+    def _dispatch(self, request: http11.Request) -> None:
+        server = self.server
+        if request.method == "OPTIONS":
+            self._preflight(request)
+            return
+        try:
+            handler, params = server.router.match(request.method, request.path)
+            result = handler(Exchange(request, params, self.client))
+        except Exception as exc:  # noqa: BLE001 - translated to a response in one place
+            self._answer(request, exc)
+            return
+        if isinstance(result, (Response, EventStream)):
+            self._answer(request, result)
+            return
+        self.busy = True
+        self._task = asyncio.ensure_future(self._finish(request, result))
+
+    async def _finish(self, request: http11.Request, pending: Awaitable[Result]) -> None:
+        try:
+            result: Result | BaseException = await pending
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated to a response in one place
+            result = exc
+        self.busy = False
+        self._task = None
+        if self.closing:
+            return
+        self._answer(request, result)
+        if not self.closing and self.stream is None:
+            self._process()
+
+    def _answer(self, request: http11.Request, result: Result | BaseException) -> None:
+        """Write the response for ``result``; the one place exceptions become responses."""
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        server = self.server
+        keep_alive = request.keep_alive and server.accepting
+        if isinstance(result, EventStream):
+            try:
+                server.admit_stream(self.client)
+            except HTTPError as exc:
+                result = exc
+            else:
+                self._open_stream(request, result)
+                return
+        if isinstance(result, Response):
+            data = server.render(result.status, result.body, result.content_type, result.headers,
+                                 request, keep_alive, request.method == "HEAD")
+        elif isinstance(result, HTTPError):
+            data = server.error_bytes(result.status, result.message, request, keep_alive, result.headers)
+        elif isinstance(result, ProtocolError):
+            self._protocol_error(result, request)
+            return
+        else:
+            server.errors += 1
+            log.error("error answering %s %s", request.method, request.path, exc_info=result)
+            data = server.error_bytes(500, "internal error", request, keep_alive)
+        transport.write(data)
+        if not keep_alive:
+            self.close()
+
+    def _preflight(self, request: http11.Request) -> None:
+        server = self.server
+        headers = [("Allow", "GET, HEAD, POST, DELETE, OPTIONS")]
+        if server.cors_origin(request) is not None:
+            headers += [
+                ("Access-Control-Allow-Methods", "GET, HEAD, POST, DELETE, OPTIONS"),
+                ("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID"),
+                ("Access-Control-Max-Age", "86400"),
+            ]
+        keep_alive = request.keep_alive and server.accepting
+        assert self.transport is not None
+        self.transport.write(server.render(204, b"", None, headers, request, keep_alive))
+        if not keep_alive:
+            self.close()
+
+    def _protocol_error(self, exc: ProtocolError, request: http11.Request | None) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.write(self.server.error_bytes(exc.status_hint, str(exc), request, False))
+        self.close()
+
+    # -- event streams --------------------------------------------------------------
+
+    def _open_stream(self, request: http11.Request, spec: EventStream) -> None:
+        server = self.server
+        transport = self.transport
+        assert transport is not None
+        self.chunked = request.version == "1.1"
+        origin = server.cors_origin(request) or "null"
+        fields = [*SSE_HEADERS, ("Access-Control-Allow-Origin", origin), ("X-Accel-Buffering", "no")]
+        if self.chunked:
+            fields.append(("Transfer-Encoding", "chunked"))
+        server.count(200)
+        transport.write(http11.response_head(200, fields))
+        if request.method == "HEAD":
+            self.close()
+            return
+        self._on_close = spec.on_close
+        self.busy = True
+        server.stream_opened(self)
+        self.stream_started = time.monotonic()
+        retry_ms = int(server.config.retry_ms * random.uniform(1.0, 1.5))
+        self.write_frames(encode_retry(retry_ms))
+        self._task = asyncio.ensure_future(self._go_live(spec))
+
+    async def _go_live(self, spec: EventStream) -> None:
+        try:
+            frames = await spec.prepare() if spec.prepare is not None else []
+        except asyncio.CancelledError:
+            self._stream_ended()
+            raise
+        except Exception:  # noqa: BLE001 - a task root: counted and logged
+            self.server.errors += 1
+            log.exception("error preparing a stream")
+            frames = None
+        self.busy = False
+        self._task = None
+        if self.closing or frames is None:
+            self._stream_ended()
+            self.close()
+            return
+        transport = self.transport
+        assert transport is not None
+        cap = self.server.config.stream_buffer
+        transport.set_write_buffer_limits(high=cap // 2)
+        stream = Stream(spec.topics, self.write_frames,
+                        send_framed=transport.write if self.chunked else None,
+                        buffered=transport.get_write_buffer_size,
+                        close=self._hub_closed, cap_bytes=cap)
+        self.stream = stream
+        if frames:
+            self.write_frames(b"".join(frames))
+        self.server.hub.open_stream(stream)
+
+    def write_frames(self, frames: bytes) -> None:
+        """Write SSE frames, chunk-framed on HTTP/1.1."""
+        if self.transport is not None and not self.closing:
+            self.transport.write(http11.chunk(frames) if self.chunked else frames)
+
+    def _hub_closed(self, reason: CloseReason) -> None:
+        self._stream_ended()
+        if reason is not CloseReason.CLIENT and self.transport is not None and not self.closing:
+            if self.chunked:
+                self.transport.write(http11.LAST_CHUNK)
+            self.close()
+
+    def _stream_ended(self) -> None:
+        self.server.stream_closed(self)
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            try:
+                on_close()
+            except Exception:  # noqa: BLE001 - a callback root: counted and logged
+                self.server.errors += 1
+                log.exception("error closing a stream")
+
+    def close(self) -> None:
+        if self.closing and self.transport is None:
+            return
+        self.closing = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.close()

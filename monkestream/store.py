@@ -1,0 +1,299 @@
+"""SQLite persistence: ticker history, chat comments, and the record of server runs.
+
+Theory of operation
+-------------------
+Rule 1: the event loop never touches SQLite. Writes go through one writer
+        thread with its own connection; reads go through one reader thread
+        with another. WAL mode lets them run side by side.
+Rule 2: tickers arrive in windows (``append_tickers``), each written in one
+        transaction, so a crash loses at most the window being collected.
+Rule 3: each server run has a row in ``runs``, keyed by its epoch (the first
+        half of its event ids). Epochs only grow. A run that ends cleanly
+        records the last seq it issued; a run without that record crashed,
+        and what it published after its last flushed window is unknown.
+Rule 4: every query is bounded by a LIMIT; callers never get an unbounded list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+from .sse import EventId
+from .ticker import Ticker
+
+T = TypeVar("T")
+
+HISTORY_LIMIT_MAX = 10000
+REPLAY_LIMIT_EVENTS = 10000
+COMMENTS_LIMIT_MAX = 500
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    epoch INTEGER PRIMARY KEY,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    last_seq INTEGER
+);
+CREATE TABLE IF NOT EXISTS tickers (
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    symbol TEXT NOT NULL,
+    price TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (epoch, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tickers_by_symbol_time ON tickers (symbol, created_at);
+CREATE INDEX IF NOT EXISTS tickers_by_symbol_id ON tickers (symbol, epoch, seq);
+CREATE TABLE IF NOT EXISTS comments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    room TEXT NOT NULL,
+    user TEXT NOT NULL,
+    text TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    delete_key TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS comments_by_room ON comments (room, id);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTicker:
+    """A ticker as read back, with the id it was published under."""
+
+    id: EventId
+    ticker: Ticker
+
+
+@dataclass(frozen=True, slots=True)
+class Comment:
+    id: int
+    room: str
+    user: str
+    text: str
+    created_at: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "room": self.room, "user": self.user,
+                "text": self.text, "createdAt": self.created_at}
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+class Store:
+    """The database, reached only through its two threads."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.epoch = 0
+        self.flushed_seq = 0          # every ticker of this run up to here is on disk
+        self.batches_written = 0
+        self.rows_written = 0
+        self.flush_seconds_total = 0.0
+        self.last_batch_rows = 0
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="monkestream-writer")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="monkestream-reader")
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self.clean_runs: dict[int, int | None] = {}  # epoch -> last_seq (None: crashed)
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
+
+    # -- life cycle -----------------------------------------------------------
+
+    async def open(self) -> int:
+        """Create the schema, start a new run and return its epoch."""
+        self.epoch = await self._write(self._open_sync)
+        self._rconn = await self._read(_connect, self.path)
+        return self.epoch
+
+    def _open_sync(self) -> int:
+        conn = self._wconn = _connect(self.path)
+        conn.executescript(SCHEMA)
+        now_ms = time.time_ns() // 1_000_000
+        (last,) = conn.execute("SELECT COALESCE(MAX(epoch), 0) FROM runs").fetchone()
+        epoch = max(now_ms, last + 1)
+        conn.execute("INSERT INTO runs (epoch, started_at) VALUES (?, ?)", (epoch, time.time()))
+        self.clean_runs = dict(conn.execute("SELECT epoch, last_seq FROM runs WHERE epoch < ?", (epoch,)))
+        return epoch
+
+    async def close(self, last_seq: int) -> None:
+        """Record a clean end of this run (every ticker is flushed) and close the database."""
+        await self._write(self._close_sync, last_seq)
+        await self._read(self._close_reader)
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+
+    def _close_sync(self, last_seq: int) -> None:
+        assert self._wconn is not None
+        self._wconn.execute("UPDATE runs SET ended_at = ?, last_seq = ? WHERE epoch = ?",
+                            (time.time(), last_seq, self.epoch))
+        self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._wconn.close()
+        self._wconn = None
+
+    def _close_reader(self) -> None:
+        if self._rconn is not None:
+            self._rconn.close()
+            self._rconn = None
+
+    # -- tickers --------------------------------------------------------------
+
+    async def append_tickers(self, rows: Sequence[tuple[int, Ticker]]) -> None:
+        """Write one window of (seq, ticker) rows in one transaction."""
+        if not rows:
+            return
+        started = time.perf_counter()
+        await self._write(self._append_sync, rows)
+        self.flush_seconds_total += time.perf_counter() - started
+        self.batches_written += 1
+        self.rows_written += len(rows)
+        self.last_batch_rows = len(rows)
+        self.flushed_seq = max(self.flushed_seq, rows[-1][0])
+
+    def _append_sync(self, rows: Sequence[tuple[int, Ticker]]) -> None:
+        assert self._wconn is not None
+        epoch = self.epoch
+        conn = self._wconn
+        conn.execute("BEGIN")
+        try:
+            conn.executemany(
+                "INSERT OR IGNORE INTO tickers (epoch, seq, symbol, price, currency, created_at) VALUES (?,?,?,?,?,?)",
+                [(epoch, seq, t.symbol, t.price, t.currency, t.created_at) for seq, t in rows])
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    async def history(self, symbol: str, since: int | None, until: int | None, limit: int) -> list[Ticker]:
+        """The newest ``limit`` tickers of a symbol in [since, until], oldest first."""
+        return await self._read(self._history_sync, symbol, since, until, min(limit, HISTORY_LIMIT_MAX))
+
+    def _history_sync(self, symbol: str, since: int | None, until: int | None, limit: int) -> list[Ticker]:
+        assert self._rconn is not None
+        rows = self._rconn.execute(
+            "SELECT symbol, price, currency, created_at FROM tickers WHERE symbol = ? "
+            "AND created_at >= ? AND created_at <= ? ORDER BY created_at DESC, epoch DESC, seq DESC LIMIT ?",
+            (symbol, since if since is not None else -1, until if until is not None else 2**62, limit)).fetchall()
+        rows.reverse()
+        return [Ticker(*row) for row in rows]
+
+    async def latest(self, limit: int) -> list[Ticker]:
+        """The last ticker of each symbol (at most ``limit`` symbols)."""
+        return await self._read(self._latest_sync, limit)
+
+    def _latest_sync(self, limit: int) -> list[Ticker]:
+        assert self._rconn is not None
+        conn = self._rconn
+        symbols = [row[0] for row in conn.execute("SELECT DISTINCT symbol FROM tickers LIMIT ?", (limit,))]
+        return [Ticker(*conn.execute(
+            "SELECT symbol, price, currency, created_at FROM tickers WHERE symbol = ? "
+            "ORDER BY epoch DESC, seq DESC LIMIT 1", (symbol,)).fetchone()) for symbol in symbols]
+
+    async def chart_seed(self, since: int, bucket_s: int, limit: int) -> list[Ticker]:
+        """The first ticker of each symbol in each ``bucket_s``-second bucket since ``since``."""
+        return await self._read(self._chart_seed_sync, since, bucket_s, limit)
+
+    def _chart_seed_sync(self, since: int, bucket_s: int, limit: int) -> list[Ticker]:
+        assert self._rconn is not None
+        # SQLite: with MIN() the bare columns come from the row holding the minimum
+        rows = self._rconn.execute(
+            "SELECT symbol, price, currency, created_at, MIN(created_at) "
+            "FROM tickers WHERE created_at >= ? GROUP BY symbol, created_at / ? "
+            "ORDER BY created_at LIMIT ?", (since, bucket_s, limit)).fetchall()
+        return [Ticker(*row[:4]) for row in rows]
+
+    def covers(self, after: EventId) -> bool:
+        """Whether SQLite holds every ticker published after ``after`` by earlier runs.
+
+        True when ``after``'s run and every run since (but this one) ended cleanly,
+        and ``after`` is an id that run issued.
+        """
+        if after.epoch == self.epoch:
+            return True
+        last_seq = self.clean_runs.get(after.epoch)
+        if last_seq is None or after.seq > last_seq:
+            return False
+        return all(seq is not None for epoch, seq in self.clean_runs.items() if epoch > after.epoch)
+
+    async def replay(self, symbol: str, after: EventId, limit: int = REPLAY_LIMIT_EVENTS) -> list[StoredTicker] | None:
+        """Stored tickers of ``symbol`` after ``after`` in id order; None if more than ``limit``."""
+        rows = await self._read(self._replay_sync, symbol, after, limit + 1)
+        return None if len(rows) > limit else rows
+
+    def _replay_sync(self, symbol: str, after: EventId, limit: int) -> list[StoredTicker]:
+        assert self._rconn is not None
+        rows = self._rconn.execute(
+            "SELECT epoch, seq, symbol, price, currency, created_at FROM tickers "
+            "WHERE symbol = ? AND (epoch > ? OR (epoch = ? AND seq > ?)) ORDER BY epoch, seq LIMIT ?",
+            (symbol, after.epoch, after.epoch, after.seq, limit)).fetchall()
+        return [StoredTicker(EventId(r[0], r[1]), Ticker(*r[2:])) for r in rows]
+
+    # -- comments -------------------------------------------------------------
+
+    async def add_comment(self, room: str, user: str, text: str, created_at: int, delete_key: str) -> Comment:
+        return await self._write(self._add_comment_sync, room, user, text, created_at, delete_key)
+
+    def _add_comment_sync(self, room: str, user: str, text: str, created_at: int, delete_key: str) -> Comment:
+        assert self._wconn is not None
+        cur = self._wconn.execute(
+            "INSERT INTO comments (room, user, text, created_at, delete_key) VALUES (?,?,?,?,?)",
+            (room, user, text, created_at, delete_key))
+        return Comment(int(cur.lastrowid or 0), room, user, text, created_at)
+
+    async def comment_key(self, room: str, comment_id: int) -> str | None:
+        """The deletion key of a comment, or None if there is no such comment."""
+        return await self._read(self._comment_key_sync, room, comment_id)
+
+    def _comment_key_sync(self, room: str, comment_id: int) -> str | None:
+        assert self._rconn is not None
+        row = self._rconn.execute("SELECT delete_key FROM comments WHERE room = ? AND id = ?",
+                                  (room, comment_id)).fetchone()
+        return None if row is None else row[0]
+
+    async def delete_comment(self, room: str, comment_id: int) -> bool:
+        return await self._write(self._delete_comment_sync, room, comment_id)
+
+    def _delete_comment_sync(self, room: str, comment_id: int) -> bool:
+        assert self._wconn is not None
+        cur = self._wconn.execute("DELETE FROM comments WHERE room = ? AND id = ?", (room, comment_id))
+        return cur.rowcount > 0
+
+    async def comments(self, room: str, limit: int) -> list[Comment]:
+        """The newest ``limit`` comments of a room, oldest first."""
+        return await self._read(self._comments_sync, room, min(limit, COMMENTS_LIMIT_MAX))
+
+    def _comments_sync(self, room: str, limit: int) -> list[Comment]:
+        assert self._rconn is not None
+        rows = self._rconn.execute(
+            "SELECT id, room, user, text, created_at FROM comments WHERE room = ? ORDER BY id DESC LIMIT ?",
+            (room, limit)).fetchall()
+        rows.reverse()
+        return [Comment(*row) for row in rows]
+
+
+def integrity_ok(path: str) -> bool:
+    """PRAGMA integrity_check on a database file (used by tests and operators)."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+
+
+__all__: Iterable[str] = ["Store", "StoredTicker", "Comment", "integrity_ok"]

@@ -1,0 +1,137 @@
+"""Tickers: validating what feeders send, and the one JSON form clients receive.
+
+Prices stay exact from end to end: JSON numbers are read as ``Decimal``, kept as
+their canonical decimal text, written to SQLite as TEXT and to clients as a
+JSON number with exactly those digits. No binary float is ever involved.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from decimal import Decimal, InvalidOperation
+from typing import Any, NamedTuple
+
+SYMBOL_RE = re.compile(r"[A-Za-z0-9._-]{1,20}")
+CURRENCY_RE = re.compile(r"[A-Za-z]{3,8}")
+MAX_PRICE_DIGITS = 40          # significant digits kept
+MAX_PRICE_EXPONENT = 30        # 1e30 > any price; 1e-30 < any tick size
+MAX_BULK_TICKERS = 10000
+
+
+class InvalidTicker(ValueError):
+    """A ticker field is wrong; ``field`` names it and ``status`` is 400 or 422."""
+
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.status = status
+
+
+class Ticker(NamedTuple):
+    """One price of one symbol at one time, as clients and the database see it."""
+
+    symbol: str
+    price: str          # canonical decimal text, e.g. "0.0731"
+    currency: str
+    created_at: int     # unix seconds
+
+    def to_json(self) -> str:
+        # every field is validated to a JSON-safe alphabet, so no escaping is needed
+        return (f'{{"symbol":"{self.symbol}","price":{self.price},'
+                f'"currency":"{self.currency}","createdAt":{self.created_at}}}')
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"symbol": self.symbol, "price": Decimal(self.price),
+                "currency": self.currency, "createdAt": self.created_at}
+
+
+def parse_symbol(text: str) -> str:
+    """The symbol upper-cased, or InvalidTicker."""
+    if not isinstance(text, str) or not SYMBOL_RE.fullmatch(text):
+        raise InvalidTicker("symbol", "must be 1-20 characters of A-Z a-z 0-9 . _ -", 400)
+    return text.upper()
+
+
+def parse_price(value: Any) -> str:
+    """A positive finite price (number or decimal string) as exact canonical text."""
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal, str)):
+        raise InvalidTicker("price", "must be a number or a decimal string")
+    if isinstance(value, str):
+        if not re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,4})?\s*", value):
+            raise InvalidTicker("price", "is not a decimal number")
+        value = value.strip()
+    try:
+        number = Decimal(value) if not isinstance(value, Decimal) else value
+    except InvalidOperation:
+        raise InvalidTicker("price", "is not a decimal number") from None
+    if not number.is_finite():
+        raise InvalidTicker("price", "must be finite")
+    if number <= 0:
+        raise InvalidTicker("price", "must be positive")
+    if not -MAX_PRICE_EXPONENT <= number.adjusted() <= MAX_PRICE_EXPONENT:
+        raise InvalidTicker("price", "is out of range")
+    number = number.normalize()
+    digits = number.as_tuple().digits
+    if len(digits) > MAX_PRICE_DIGITS:
+        raise InvalidTicker("price", f"has more than {MAX_PRICE_DIGITS} significant digits")
+    return format(number, "f")
+
+
+def parse_currency(value: Any) -> str:
+    if value is None:
+        return "USD"
+    if not isinstance(value, str) or not CURRENCY_RE.fullmatch(value):
+        raise InvalidTicker("currency", "must be 3-8 letters")
+    return value.upper()
+
+
+def parse_ticker(body: Any, symbol: str | None = None, now: float | None = None) -> Ticker:
+    """Validate one ticker object; ``symbol`` comes from the path when given."""
+    if not isinstance(body, dict):
+        raise InvalidTicker("body", "must be a JSON object", 400)
+    if symbol is None:
+        if "symbol" not in body:
+            raise InvalidTicker("symbol", "is required")
+        symbol = body["symbol"]
+        if not isinstance(symbol, str):
+            raise InvalidTicker("symbol", "must be a string")
+    if "price" not in body:
+        raise InvalidTicker("price", "is required")
+    return Ticker(parse_symbol(symbol), parse_price(body["price"]),
+                  parse_currency(body.get("currency")),
+                  int(time.time() if now is None else now))
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidTicker("body", f"{name} is not valid JSON", 400)
+
+
+def _decimal(text: str) -> Decimal:
+    if len(text) > 100:
+        raise InvalidTicker("body", "a number is too long", 400)
+    return Decimal(text)
+
+
+def _int(text: str) -> int | Decimal:
+    if len(text) > 100:
+        raise InvalidTicker("body", "a number is too long", 400)
+    return int(text)
+
+
+_decoder = json.JSONDecoder(parse_float=_decimal, parse_int=_int, parse_constant=_reject_constant)
+
+
+def loads(body: bytes) -> Any:
+    """Decode a JSON request body strictly: UTF-8, no NaN/Infinity, exact decimals."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidTicker("body", "is not valid UTF-8", 400) from None
+    try:
+        return _decoder.decode(text)
+    except RecursionError:
+        raise InvalidTicker("body", "is nested too deeply", 400) from None
+    except json.JSONDecodeError as exc:
+        raise InvalidTicker("body", f"is not valid JSON ({exc.msg} at {exc.pos})", 400) from None
