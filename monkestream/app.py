@@ -24,6 +24,7 @@ from typing import Any
 
 from . import charts as charts_mod
 from .charts import ChartCache
+from .chat import Chat, parse_room, parse_user, room_topic
 from .config import Config
 from .hub import Event, Hub, Policy, Subscription
 from .http11 import chunk
@@ -60,10 +61,12 @@ class App:
         self.started_at = time.time()
         self.unpersisted = 0
         self.ingested = 0
+        self.ingest_by_status: dict[int, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Subscription] = []
         self._token = config.token.encode()
         self._routes()
+        self.chat = Chat(self)
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -135,16 +138,40 @@ class App:
         self.ingested += len(tickers)
         return events
 
-    def _authorize(self, ex: Exchange) -> None:
+    def has_token(self, request: Any) -> bool:
+        """Whether the request carries the publish token (compared in constant time)."""
         if not self._token:
-            return
-        given = ex.request.header("authorization") or ""
-        scheme, _, credentials = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), self._token):
+            return False
+        scheme, _, credentials = (request.header("authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), self._token)
+
+    def _authorize(self, ex: Exchange) -> None:
+        if self._token and not self.has_token(ex.request):
             raise HTTPError(401, "a valid bearer token is required",
                             [("WWW-Authenticate", 'Bearer realm="monkestream"')])
 
+    def _count_ingest(self, status: int) -> None:
+        self.ingest_by_status[status] = self.ingest_by_status.get(status, 0) + 1
+
     def post_price(self, ex: Exchange) -> Response:
+        try:
+            response = self._post_price(ex)
+        except HTTPError as exc:
+            self._count_ingest(exc.status)
+            raise
+        self._count_ingest(201)
+        return response
+
+    def post_tickers(self, ex: Exchange) -> Response:
+        try:
+            response = self._post_tickers(ex)
+        except HTTPError as exc:
+            self._count_ingest(exc.status)
+            raise
+        self._count_ingest(201)
+        return response
+
+    def _post_price(self, ex: Exchange) -> Response:
         self._authorize(ex)
         try:
             symbol = parse_symbol(ex.params["symbol"])
@@ -154,7 +181,7 @@ class App:
         self.ingest([ticker])
         return Response(201, ticker.to_json().encode())
 
-    def post_tickers(self, ex: Exchange) -> Response:
+    def _post_tickers(self, ex: Exchange) -> Response:
         self._authorize(ex)
         try:
             body = loads(ex.request.body)
@@ -207,6 +234,10 @@ class App:
             "config": self.config.summary(),
         })
 
+    def get_metrics(self, ex: Exchange) -> Response:
+        from .metrics import render
+        return Response(200, render(self).encode(), "text/plain; version=0.0.4; charset=utf-8")
+
     def get_index(self, ex: Exchange) -> Response:
         return json_response({
             "name": "monkestream",
@@ -220,7 +251,7 @@ class App:
     # -- streams ------------------------------------------------------------------------
 
     def ticker_events(self, ex: Exchange) -> EventStream:
-        return self._stream(ex, [ticker_topic(_symbol(ex))])
+        return self.open_stream(ex, [ticker_topic(_symbol(ex))])
 
     def multiplexed_events(self, ex: Exchange) -> EventStream:
         params = ex.request.query_params()
@@ -229,7 +260,10 @@ class App:
             raise HTTPError(400, "topic: give at least one, e.g. ?topic=ticker:DOGE")
         if len(topics) > MAX_STREAM_TOPICS:
             raise HTTPError(400, f"topic: at most {MAX_STREAM_TOPICS} per stream")
-        return self._stream(ex, [self._check_topic(t) for t in topics])
+        checked = [self._check_topic(t) for t in topics]
+        user = _one(params, "user")
+        return self.chat.stream(checked, parse_user(user) if user is not None else None,
+                                self.open_stream(ex, checked))
 
     def _check_topic(self, topic: str) -> str:
         kind, _, name = topic.partition(":")
@@ -238,9 +272,12 @@ class App:
                 return ticker_topic(parse_symbol(name))
             except InvalidTicker:
                 raise HTTPError(400, f"topic: {topic!r} has an invalid symbol") from None
+        if kind == "room":
+            return room_topic(parse_room(name))
         raise HTTPError(400, f"topic: {topic!r} must start with one of {', '.join(k + ':' for k in TOPIC_KINDS)}")
 
-    def _stream(self, ex: Exchange, topics: list[str]) -> EventStream:
+    def open_stream(self, ex: Exchange, topics: list[str]) -> EventStream:
+        """An event stream on ``topics``, resuming after the request's Last-Event-ID."""
         last_id = ex.request.header("last-event-id")
         if last_id is None:
             last_id = _one(ex.request.query_params(), "lastEventId")
@@ -248,8 +285,12 @@ class App:
         if new and len(self.hub.topics) + len(new) > self.config.max_topics:
             raise HTTPError(503, "too many topics", [("Retry-After", "60")])
 
+        # A new stream starts where the hub stands now, as the response head goes
+        # out: whatever is published before it is attached is replayed to it.
+        start = str(self.hub.last_id())
+
         async def prepare() -> list[bytes]:
-            return await self.backlog(topics, last_id)
+            return await self.backlog(topics, last_id or start)
         return EventStream(topics, prepare)
 
     async def backlog(self, topics: list[str], last_id: str | None) -> list[bytes]:
@@ -312,6 +353,7 @@ class App:
         add("GET", "/ticker/{symbol}/history", self.get_history)
         add("GET", "/ticker/{symbol}/chart", self.get_chart)
         add("GET", "/events", self.multiplexed_events)
+        add("GET", "/metrics", self.get_metrics)
 
 
 def _dumps_reset(topics: list[str], last_id: str) -> str:

@@ -31,7 +31,7 @@ class Config:
     flush_interval: float = field(default=1.0, metadata={"help": "seconds per SQLite batch window", "min": 0.01, "max": 3600})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error", "choices": LOG_LEVELS})
     # streams
-    replay_events: int = field(default=256, metadata={"help": "events kept per topic for Last-Event-ID resume", "min": 0, "max": 1_000_000})
+    replay_events: int = field(default=256, metadata={"help": "events kept per topic for Last-Event-ID resume", "min": 1, "max": 1_000_000})
     heartbeat: float = field(default=15.0, metadata={"help": "seconds of silence before a stream gets a comment line", "min": 0.05, "max": 3600})
     retry_ms: int = field(default=3000, metadata={"help": "reconnection hint sent to clients (jittered up to +50%%)", "min": 0, "max": 3_600_000})
     max_stream_age: float = field(default=0.0, metadata={"help": "close streams after this many seconds, jittered -20%% (0: never)", "min": 0, "max": 86400 * 7})

@@ -29,6 +29,7 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 from typing import Any, Awaitable, Callable, Iterable, Union
 
 from . import http11
@@ -126,7 +127,7 @@ class Router:
             if handler is None:
                 allow = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()) | {"OPTIONS"}))
                 raise HTTPError(405, f"method {method} is not allowed here", [("Allow", allow)])
-            return handler, m.groupdict()
+            return handler, {name: unquote(value, errors="strict") for name, value in m.groupdict().items()}
         raise HTTPError(404, "no such resource")
 
 
@@ -300,7 +301,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = ("server", "transport", "parser", "client", "busy", "closing", "stream",
                  "stream_started", "chunked", "_timer", "_task", "_reading_paused", "_on_close",
-                 "_stream_input", "_awaiting_head")
+                 "_stream_input", "_awaiting_head", "_eof")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -318,6 +319,7 @@ class Connection(asyncio.Protocol):
         self._on_close: Callable[[], object] | None = None
         self._stream_input = 0
         self._awaiting_head = False
+        self._eof = False
 
     # -- asyncio.Protocol -------------------------------------------------------
 
@@ -356,9 +358,13 @@ class Connection(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool | None:
-        if self.stream is None and not self.busy:
-            self.close()
-        return True  # keep our side open until responses in progress are written
+        # No more requests will come. A stream's peer is gone (browsers never
+        # half-close); a request in progress is still answered, then we close.
+        self._eof = True
+        if self.busy and self.stream is None and self not in self.server.streams:
+            return True
+        self.close()
+        return False
 
     def pause_writing(self) -> None:
         if self.stream is not None:
@@ -429,7 +435,7 @@ class Connection(asyncio.Protocol):
             self._preflight(request)
             return
         try:
-            handler, params = server.router.match(request.method, request.path)
+            handler, params = server.router.match(request.method, request.target.partition("?")[0])
             result = handler(Exchange(request, params, self.client))
         except Exception as exc:  # noqa: BLE001 - translated to a response in one place
             self._answer(request, exc)
@@ -483,7 +489,7 @@ class Connection(asyncio.Protocol):
             log.error("error answering %s %s", request.method, request.path, exc_info=result)
             data = server.error_bytes(500, "internal error", request, keep_alive)
         transport.write(data)
-        if not keep_alive:
+        if not keep_alive or self._eof:
             self.close()
 
     def _preflight(self, request: http11.Request) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 from typing import Any, NamedTuple
 
 SYMBOL_RE = re.compile(r"[A-Za-z0-9._-]{1,20}")
@@ -18,6 +18,7 @@ CURRENCY_RE = re.compile(r"[A-Za-z]{3,8}")
 MAX_PRICE_DIGITS = 40          # significant digits kept
 MAX_PRICE_EXPONENT = 30        # 1e30 > any price; 1e-30 < any tick size
 MAX_BULK_TICKERS = 10000
+_EXACT = Context(prec=MAX_PRICE_DIGITS + 1)  # normalize() without rounding any accepted price
 
 
 class InvalidTicker(ValueError):
@@ -72,11 +73,10 @@ def parse_price(value: Any) -> str:
         raise InvalidTicker("price", "must be positive")
     if not -MAX_PRICE_EXPONENT <= number.adjusted() <= MAX_PRICE_EXPONENT:
         raise InvalidTicker("price", "is out of range")
-    number = number.normalize()
-    digits = number.as_tuple().digits
-    if len(digits) > MAX_PRICE_DIGITS:
+    significant = "".join(map(str, number.as_tuple().digits)).rstrip("0")
+    if len(significant) > MAX_PRICE_DIGITS:
         raise InvalidTicker("price", f"has more than {MAX_PRICE_DIGITS} significant digits")
-    return format(number, "f")
+    return format(_EXACT.normalize(number), "f")
 
 
 def parse_currency(value: Any) -> str:
