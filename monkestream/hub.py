@@ -40,6 +40,7 @@ from .sse import EventId, encode_event
 REPLAY_EVENTS = 256           # per topic, the events kept for Last-Event-ID resume
 SUBSCRIPTION_QUEUE_EVENTS = 1024
 STREAM_BUFFER_BYTES = 256 * 1024
+BIG_BATCH_BYTES = 16 * 1024     # a flush larger than this checks each stream's buffer first
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -357,6 +358,9 @@ class Hub:
                 continue
             payload = frames[0] if len(frames) == 1 else b"".join(frames)
             framed = self._framing(payload)
+            if len(framed) > BIG_BATCH_BYTES:
+                self._flush_big(t, frames, framed)
+                continue
             for write in tuple(t.fast.values()):
                 write(framed)
             self.delivered += len(frames) * len(t.fast)
@@ -370,6 +374,29 @@ class Hub:
             stream.send(frames[0] if len(frames) == 1 else b"".join(frames))
             self.delivered += len(frames)
             if stream.paused and stream.buffered() > stream.cap_bytes:
+                self.close_stream(stream, CloseReason.SLOW)
+
+    def _flush_big(self, t: Topic, frames: list[bytes], framed: bytes) -> None:
+        """A large batch goes whole only to streams that are keeping up (nothing unsent).
+
+        A stream already behind gets, on a conflating topic, only the batch's
+        last event; on a lossless one the batch, and is closed if that passes
+        its cap. So a stream's buffer never exceeds its cap plus one batch.
+        """
+        last = None
+        for stream, write in tuple(t.fast.items()):
+            buffered = stream.buffered()
+            if buffered == 0 or buffered + len(framed) <= stream.cap_bytes:
+                write(framed)
+                self.delivered += len(frames)
+            elif t.conflate:
+                last = last or self._framing(frames[-1])
+                write(last)
+                self.delivered += 1
+                self.conflated += len(frames) - 1
+            else:
+                write(framed)
+                self.delivered += len(frames)
                 self.close_stream(stream, CloseReason.SLOW)
 
     # -- push streams (the server's) -----------------------------------------

@@ -56,8 +56,9 @@ class SSEClient:
     """An event-stream reader over a raw socket: chunked decoding, then the WHATWG parser."""
 
     def __init__(self, port: int, path: str, headers: dict[str, str] | None = None,
-                 timeout: float = 5.0, connect: bool = True) -> None:
+                 timeout: float = 5.0, connect: bool = True, source: str | None = None) -> None:
         self.port = port
+        self.source = source
         self.path = path
         self.headers = headers or {}
         self.timeout = timeout
@@ -73,7 +74,8 @@ class SSEClient:
             self.connect()
 
     def connect(self) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
+        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout,
+                                             source_address=(self.source, 0) if self.source else None)
         lines = [f"GET {self.path} HTTP/1.1", "Host: test", "Accept: text/event-stream"]
         lines += [f"{k}: {v}" for k, v in self.headers.items()]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())

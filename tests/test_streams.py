@@ -1,0 +1,342 @@
+"""Streams clients can rely on: ids and resume, heartbeats, multiplexing, slow consumers, limits, chat."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from monkestream import CloseReason
+from monkestream.sse import EventId
+from helpers import AppThread, ServerProcess, SSEClient, request
+
+
+def publish(port, symbol, *prices):
+    tickers = [{"symbol": symbol, "price": str(p)} for p in prices]
+    status, _, body = request(port, "POST", "/tickers", tickers)
+    assert status == 201, body
+
+
+def prices(events):
+    return [json.loads(e.data)["price"] for e in events if e.type == "price_update"]
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def server(tmp_path):
+    with AppThread(tmp_path / "s.db", flush_interval=0.05, replay_events=50) as s:
+        yield s
+
+
+def test_every_event_has_an_id_and_the_stream_starts_with_retry(server):
+    with SSEClient(server.port, "/ticker/ID/event") as client:
+        client.pump(0.2)
+        assert client.parser.retry is not None and 3000 <= client.parser.retry <= 4500
+        publish(server.port, "ID", 1, 2, 3)
+        got = client.wait_for(3)
+        epoch = server.app.hub.epoch
+        seqs = [int(e.last_event_id.split("-")[1]) for e in got]
+        assert all(e.last_event_id.startswith(f"{epoch}-") for e in got)
+        assert seqs == sorted(seqs) and len(set(seqs)) == 3
+
+
+def test_reconnect_with_last_event_id_gets_exactly_the_missed_events(server):
+    client = SSEClient(server.port, "/ticker/RES/event")
+    publish(server.port, "RES", *range(1, 11))
+    got = client.wait_for(10)
+    assert prices(got) == list(range(1, 11))
+    last = got[4].last_event_id          # pretend the client saw only five
+    client.close()
+    publish(server.port, "RES", *range(11, 21))
+    publish(server.port, "OTHER", 99)
+    with SSEClient(server.port, "/ticker/RES/event", {"Last-Event-ID": last}) as again:
+        again.pump(0.3)
+        publish(server.port, "RES", 21)
+        got = again.wait_for(16)
+        assert prices(got) == list(range(6, 22))
+        ids = [e.last_event_id for e in got]
+        assert len(ids) == len(set(ids))
+
+
+def test_last_event_id_query_parameter_for_a_first_connection(server):
+    publish(server.port, "Q", 1, 2, 3)
+    first = server.app.hub.replay("ticker:Q", EventId(server.app.hub.epoch, 0))[0]
+    with SSEClient(server.port, f"/ticker/Q/event?lastEventId={first.id}") as client:
+        assert prices(client.wait_for(2)) == [2, 3]
+
+
+def test_an_id_too_old_gets_an_explicit_reset(server):
+    publish(server.port, "OLD", *range(1, 201))       # the ring holds 50
+    epoch = server.app.hub.epoch
+    # every window is on disk: SQLite serves what the ring lost
+    wait_until(lambda: server.app.store.flushed_seq >= 200)
+    with SSEClient(server.port, "/ticker/OLD/event", {"Last-Event-ID": f"{epoch}-10"}) as client:
+        assert prices(client.wait_for(190)) == list(range(11, 201))
+    for bad in ["garbage", "1-2", f"{epoch}-999999"]:
+        with SSEClient(server.port, "/ticker/OLD/event", {"Last-Event-ID": bad}) as client:
+            (reset,) = client.wait_for(1, name="reset")
+            assert json.loads(reset.data)["topics"] == ["ticker:OLD"]
+            publish(server.port, "OLD", 500)
+            assert prices(client.wait_for(2))[-1] == 500
+
+
+def test_room_events_too_old_for_the_ring_are_a_reset(tmp_path):
+    with AppThread(tmp_path / "r.db", replay_events=3, comment_burst=100) as s:
+        with SSEClient(s.port, "/room/lobby/event") as watcher:
+            for i in range(6):
+                assert request(s.port, "POST", "/room/lobby/comments", {"user": "ann", "text": f"c{i}"})[0] == 201
+            got = watcher.wait_for(6, name="comment_posted")
+            first_id = got[0].last_event_id
+        with SSEClient(s.port, "/room/lobby/event", {"Last-Event-ID": first_id}) as client:
+            assert client.wait_for(1, name="reset")
+
+
+def test_resume_across_a_restart(tmp_path):
+    db = tmp_path / "restart.db"
+    with ServerProcess(db, "--no-demo") as srv:
+        client = SSEClient(srv.port, "/ticker/RS/event")
+        publish(srv.port, "RS", 1, 2, 3)
+        last = client.wait_for(3)[-1].last_event_id
+        client.close()
+        publish(srv.port, "RS", 4, 5)
+    with ServerProcess(db, "--no-demo") as srv:
+        publish(srv.port, "RS", 6)
+        with SSEClient(srv.port, "/ticker/RS/event", {"Last-Event-ID": last}) as client:
+            got = client.wait_for(3)
+            assert prices(got) == [4, 5, 6]
+            assert got[-1].last_event_id.split("-")[0] != last.split("-")[0]  # a new epoch
+            assert int(got[-1].last_event_id.split("-")[0]) > int(last.split("-")[0])
+
+
+def test_heartbeats_on_idle_streams(tmp_path):
+    with AppThread(tmp_path / "h.db", heartbeat=0.3) as s:
+        with SSEClient(s.port, "/ticker/HB/event") as client:
+            client.pump(1.6)
+            assert client.parser.comments.count("") >= 2
+            assert client.events == []
+
+
+def test_max_stream_age_closes_healthy_streams(tmp_path):
+    with AppThread(tmp_path / "a.db", max_stream_age=0.6) as s:
+        with SSEClient(s.port, "/ticker/AGE/event") as client:
+            started = time.monotonic()
+            client.pump(3)
+            assert client.closed
+            assert 0.4 <= time.monotonic() - started < 2.5
+        assert s.app.hub.closed_by_reason[CloseReason.MAX_AGE] == 1
+
+
+def test_many_topics_on_one_connection(server):
+    path = "/events?topic=ticker:A1&topic=ticker:B2&topic=room:hall"
+    with SSEClient(server.port, path) as client:
+        publish(server.port, "A1", 1)
+        publish(server.port, "B2", 2)
+        publish(server.port, "C3", 3)
+        assert request(server.port, "POST", "/room/hall/comments", {"user": "bo", "text": "hi"})[0] == 201
+        got = client.wait_for(3)
+        assert [(e.type, json.loads(e.data).get("symbol")) for e in got] == [
+            ("price_update", "A1"), ("price_update", "B2"), ("comment_posted", None)]
+        seqs = [int(e.last_event_id.split("-")[1]) for e in got]
+        assert seqs == sorted(seqs)
+    for bad in ["/events", "/events?topic=nope:x", "/events?topic=ticker:" + "x" * 30]:
+        status, _, body = request(server.port, "GET", bad)
+        assert status == 400 and "topic" in json.loads(body)["error"]
+
+
+def stalled_client(port, path):
+    """A client that opens a stream and never reads (tiny receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+def test_a_stalled_reader_is_conflated_while_others_keep_up(tmp_path):
+    with AppThread(tmp_path / "slow.db", stream_buffer=8192, flush_interval=0.05) as s:
+        stalled = stalled_client(s.port, "/ticker/SLOW/event")
+        wait_until(lambda: s.app.hub.stream_count == 1)
+        with SSEClient(s.port, "/ticker/SLOW/event") as healthy:
+            wait_until(lambda: s.app.hub.stream_count == 2)
+            for start in range(0, 30000, 5000):
+                publish(s.port, "SLOW", *range(start + 1, start + 5001))
+                got = healthy.wait_for(start + 5000)
+                assert len(got) == start + 5000  # on time, whatever the stalled one does
+            assert prices(healthy.events) == list(range(1, 30001))
+            buffered = s.call(lambda: [c.transport.get_write_buffer_size() for c in s.app.server.streams])
+            one_batch = 5000 * 130
+            assert max(buffered) <= 8192 + one_batch
+        # the stalled client now reads: it gets a prefix, then the latest price, never a backlog
+        reader = SSEClient(s.port, "/", connect=False)
+        reader.sock = stalled
+        reader._chunked = True
+        stalled.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += stalled.recv(65536)
+        reader._feed(data.partition(b"\r\n\r\n")[2])
+        got = prices(reader.wait_for(30000, timeout=3))
+        assert got[-1] == 30000
+        assert len(got) < 30000
+        assert got == sorted(got)
+        assert s.app.hub.conflated > 0
+        stalled.close()
+
+
+def test_a_stalled_lossless_stream_is_closed_not_trimmed(tmp_path):
+    with AppThread(tmp_path / "chat.db", stream_buffer=4096, comment_burst=100000, comment_rate=100000) as s:
+        stalled = stalled_client(s.port, "/room/busy/event")
+        wait_until(lambda: s.app.hub.stream_count == 1)
+        body = json.dumps({"user": "u", "text": "x" * 500}).encode()
+        post = (b"POST /room/busy/comments HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+        with socket.create_connection(("127.0.0.1", s.port)) as poster:
+            poster.settimeout(10)
+            for _ in range(60):  # more than the kernel's socket buffers can hide
+                poster.sendall(post * 200)
+                answered = b""
+                while answered.count(b"HTTP/1.1 201") < 200:
+                    answered += poster.recv(1 << 20)
+                if s.app.hub.stream_count == 0:
+                    break
+        wait_until(lambda: s.app.hub.stream_count == 0)
+        assert s.app.hub.closed_by_reason[CloseReason.SLOW] == 1
+        stalled.close()
+
+
+def test_a_vanished_peer_is_closed_after_the_stall_timeout(tmp_path):
+    with AppThread(tmp_path / "gone.db", stream_buffer=4096, stall_timeout=0.5) as s:
+        stalled = stalled_client(s.port, "/ticker/GONE/event")
+        wait_until(lambda: s.app.hub.stream_count == 1)
+        for start in range(0, 20000, 5000):
+            publish(s.port, "GONE", *range(start + 1, start + 5001))
+        wait_until(lambda: s.app.hub.stream_count == 0, timeout=5)
+        assert s.app.hub.closed_by_reason[CloseReason.PEER_GONE] == 1
+        stalled.close()
+
+
+def test_stream_limits(tmp_path):
+    with AppThread(tmp_path / "lim.db", max_streams=3, max_streams_per_client=2) as s:
+        a = SSEClient(s.port, "/ticker/L/event")
+        b = SSEClient(s.port, "/ticker/L/event")
+        c = SSEClient(s.port, "/ticker/L/event")
+        assert (a.status, b.status) == (200, 200)
+        assert c.status == 429 and "retry-after" in c.response_headers
+        d = SSEClient(s.port, "/ticker/L/event", source="127.0.0.2")
+        assert d.status == 200
+        e = SSEClient(s.port, "/ticker/L/event", source="127.0.0.3")
+        assert e.status == 503 and int(e.response_headers["retry-after"]) >= 1
+        assert "error" in json.loads(e.body)
+        a.close()
+        wait_until(lambda: len(s.app.server.streams) == 2)
+        f = SSEClient(s.port, "/ticker/L/event", source="127.0.0.3")
+        assert f.status == 200
+        for client in (b, c, d, e, f):
+            client.close()
+
+
+def test_chat_flow_with_two_users(server):
+    ann = SSEClient(server.port, "/room/lobby/event?user=ann")
+    (members,) = ann.wait_for(1, name="members")
+    assert json.loads(members.data)["users"] == ["ann"]
+    bob = SSEClient(server.port, "/room/lobby/event?user=bob")
+    (members,) = bob.wait_for(1, name="members")
+    assert json.loads(members.data)["users"] == ["ann", "bob"]
+    (joined,) = ann.wait_for(1, name="user_joined")
+    assert json.loads(joined.data) == {"room": "lobby", "user": "bob"}
+
+    status, _, body = request(server.port, "POST", "/room/lobby/comments", {"user": "bob", "text": "<b>wow</b> such chat"})
+    assert status == 201
+    posted = json.loads(body)
+    key = posted.pop("deleteKey")
+    for client in (ann, bob):
+        (event,) = client.wait_for(1, name="comment_posted")
+        assert json.loads(event.data) == posted
+    status, _, body = request(server.port, "GET", "/room/lobby/comments?limit=10")
+    assert [c["text"] for c in json.loads(body)["comments"]] == ["<b>wow</b> such chat"]
+
+    path = f"/room/lobby/comments/{posted['id']}"
+    assert request(server.port, "DELETE", path)[0] == 401
+    assert request(server.port, "DELETE", path, headers={"X-Delete-Key": "nope"})[0] == 403
+    assert request(server.port, "DELETE", path, headers={"X-Delete-Key": key})[0] == 204
+    assert request(server.port, "DELETE", path, headers={"X-Delete-Key": key})[0] == 404
+    (deleted,) = ann.wait_for(1, name="comment_deleted")
+    assert json.loads(deleted.data) == {"id": posted["id"], "room": "lobby"}
+
+    bob.close()
+    (left,) = ann.wait_for(1, name="user_left")
+    assert json.loads(left.data) == {"room": "lobby", "user": "bob"}
+    ann.close()
+    wait_until(lambda: server.app.chat.presence.rooms == {})
+
+
+def test_one_user_in_two_tabs_is_one_member(server):
+    watcher = SSEClient(server.port, "/room/tabs/event?user=zed")
+    tab1 = SSEClient(server.port, "/room/tabs/event?user=amy")
+    tab2 = SSEClient(server.port, "/room/tabs/event?user=amy")
+    assert len(watcher.wait_for(1, name="user_joined")) == 1
+    tab1.close()
+    watcher.pump(0.3)
+    assert watcher.wait_for(1, name="user_left", timeout=0.1) == []
+    tab2.close()
+    assert len(watcher.wait_for(1, name="user_left")) == 1
+    watcher.close()
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"user": "", "text": "hi"}, 422, "user"),
+    ({"user": "a b", "text": "hi"}, 422, "user"),
+    ({"user": "x" * 25, "text": "hi"}, 422, "user"),
+    ({"user": "ann", "text": ""}, 422, "text"),
+    ({"user": "ann", "text": "x" * 501}, 422, "text"),
+    ({"user": "ann", "text": "a\x00b"}, 422, "text"),
+    ({"user": "ann"}, 422, "text"),
+    ([1], 400, "body"),
+])
+def test_bad_comments_are_refused(server, body, status, field):
+    got, _, text = request(server.port, "POST", "/room/lobby/comments", body)
+    assert got == status and json.loads(text)["error"].startswith(field)
+    assert request(server.port, "GET", "/room/bad%20room/comments")[0] == 400
+
+
+def test_comments_are_rate_limited_per_client(tmp_path):
+    with AppThread(tmp_path / "rl.db", comment_burst=3, comment_rate=0.01) as s:
+        statuses = [request(s.port, "POST", "/room/r/comments", {"user": "spam", "text": "x"})[0] for _ in range(5)]
+        assert statuses == [201, 201, 201, 429, 429]
+
+
+def test_comments_survive_a_restart(tmp_path):
+    db = tmp_path / "c.db"
+    with ServerProcess(db, "--no-demo") as srv:
+        assert request(srv.port, "POST", "/room/keep/comments", {"user": "ann", "text": "still here"})[0] == 201
+    with ServerProcess(db, "--no-demo") as srv:
+        _, _, body = request(srv.port, "GET", "/room/keep/comments")
+        assert [c["text"] for c in json.loads(body)["comments"]] == ["still here"]
+
+
+def test_metrics(server):
+    with SSEClient(server.port, "/ticker/M/event") as client:
+        publish(server.port, "M", 1, 2)
+        client.wait_for(2)
+        request(server.port, "POST", "/ticker/M/price", {"price": -1})
+        wait_until(lambda: server.app.store.batches_written >= 1)
+        status, headers, body = request(server.port, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    text = body.decode()
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert samples["monkestream_streams_open"] == "1"
+    assert samples['monkestream_stream_subscribers{kind="ticker"}'] == "1"
+    assert samples["monkestream_events_published_total"] == "2"
+    assert int(samples["monkestream_events_delivered_total"]) >= 2
+    assert samples['monkestream_ingest_requests_total{status="201"}'] == "1"
+    assert samples['monkestream_ingest_requests_total{status="422"}'] == "1"
+    assert int(samples["monkestream_sqlite_rows_total"]) == 2
+    assert 'monkestream_streams_closed_total{reason="slow"}' in samples
