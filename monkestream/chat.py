@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .jsontext import dumps
-from .ops import RateLimiter
+from .ratelimit import RateLimiter
 from .server import EventStream, Exchange, HTTPError, Response, json_response
 from .sse import encode_event
 from .ticker import InvalidTicker, loads
