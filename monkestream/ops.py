@@ -64,7 +64,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
-from monkestream.clock import AsyncioScheduler, Handle, Scheduler, default_scheduler
+from monkestream.clock import Handle, Scheduler, default_scheduler
 
 __all__ = [
     "GROUP_BUFFER_ITEMS",

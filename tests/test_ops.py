@@ -12,8 +12,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from marbles import (
     TICK_S,
