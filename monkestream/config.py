@@ -38,7 +38,7 @@ class Config:
     stream_buffer: int = field(default=256 * 1024, metadata={"help": "bytes a stream may have unsent before it counts as slow", "min": 4096, "max": 64 * 1024 * 1024})
     stall_timeout: float = field(default=30.0, metadata={"help": "seconds a stream's buffer may stay full before it is closed", "min": 0.05, "max": 3600})
     max_streams: int = field(default=20000, metadata={"help": "open streams in all (503 beyond)", "min": 1, "max": 10_000_000})
-    max_streams_per_client: int = field(default=1000, metadata={"help": "open streams per client address (429 beyond)", "min": 1, "max": 10_000_000})
+    max_streams_per_client: int = field(default=0, metadata={"help": "open streams per client address, 429 beyond (0: no cap; behind a proxy every client has its address)", "min": 0, "max": 10_000_000})
     max_topics: int = field(default=10000, metadata={"help": "distinct topics the hub will hold", "min": 1, "max": 10_000_000})
     # HTTP
     max_body: int = field(default=1024 * 1024, metadata={"help": "largest request body in bytes (413 beyond)", "min": 1024, "max": 1024 * 1024 * 1024})

@@ -33,7 +33,7 @@ import enum
 import json
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, Protocol
 
 from .sse import EventId, encode_event
 
@@ -103,33 +103,42 @@ class Topic:
         return not (self.fast or self.streams or self.subs)
 
 
+class Sink(Protocol):
+    """Where a push stream's bytes go: the server's connection."""
+
+    def send(self, frames: bytes) -> object:
+        """Write SSE frames, framing them for the wire."""
+
+    def buffered(self) -> int:
+        """Bytes written and not yet sent."""
+
+    def hub_closed(self, reason: CloseReason) -> object:
+        """The hub ended the stream (once, whatever the reason)."""
+
+
 class Stream:
     """A push subscriber: the server's side of one open event stream.
 
-    ``send`` takes SSE frames and frames them for the wire itself;
     ``send_framed``, when given, takes bytes already framed by the hub's
     ``wire_framing`` (the fast path, only for single-topic streams).
     """
 
-    __slots__ = ("topics", "send", "send_framed", "buffered", "close", "cap_bytes",
-                 "paused", "paused_at", "pending", "dirty", "missed", "closed", "__weakref__")
+    __slots__ = ("topics", "sink", "send_framed", "cap_bytes", "paused", "paused_at",
+                 "pending", "dirty", "missed", "closed")
 
-    def __init__(self, topics: Iterable[str], send: Callable[[bytes], object], *,
+    def __init__(self, topics: Iterable[str], sink: Sink, *,
                  send_framed: Callable[[bytes], object] | None = None,
-                 buffered: Callable[[], int] = lambda: 0,
-                 close: Callable[[CloseReason], object] = lambda reason: None,
                  cap_bytes: int = STREAM_BUFFER_BYTES) -> None:
         self.topics = tuple(dict.fromkeys(topics))
-        self.send = send
+        self.sink = sink
         self.send_framed = send_framed if len(self.topics) == 1 else None
-        self.buffered = buffered
-        self.close = close
         self.cap_bytes = cap_bytes
         self.paused = False
         self.paused_at = 0.0
         self.pending: list[bytes] = []
         self.dirty = False
-        self.missed: dict[str, tuple[int, Event]] = {}  # topic -> (skipped count, latest)
+        # while paused: topic -> (events skipped, the latest), for conflating topics
+        self.missed: dict[str, tuple[int, Event]] | None = None
         self.closed = False
 
 
@@ -333,8 +342,11 @@ class Hub:
             t.pending.append(event.frame)
         for stream in t.streams:
             if stream.paused and t.conflate:
-                skipped = stream.missed.get(t.name, (0, None))[0]
-                stream.missed[t.name] = (skipped + 1, event)
+                missed = stream.missed
+                if missed is None:
+                    missed = stream.missed = {}
+                skipped = missed[t.name][0] if t.name in missed else 0
+                missed[t.name] = (skipped + 1, event)
                 continue
             stream.pending.append(event.frame)
             if not stream.dirty:
@@ -371,9 +383,9 @@ class Hub:
                 continue
             frames = stream.pending
             stream.pending = []
-            stream.send(frames[0] if len(frames) == 1 else b"".join(frames))
+            stream.sink.send(frames[0] if len(frames) == 1 else b"".join(frames))
             self.delivered += len(frames)
-            if stream.paused and stream.buffered() > stream.cap_bytes:
+            if stream.paused and stream.sink.buffered() > stream.cap_bytes:
                 self.close_stream(stream, CloseReason.SLOW)
 
     def _flush_big(self, t: Topic, frames: list[bytes], framed: bytes) -> None:
@@ -385,7 +397,7 @@ class Hub:
         """
         last = None
         for stream, write in tuple(t.fast.items()):
-            buffered = stream.buffered()
+            buffered = stream.sink.buffered()
             if buffered == 0 or buffered + len(framed) <= stream.cap_bytes:
                 write(framed)
                 self.delivered += len(frames)
@@ -405,7 +417,7 @@ class Hub:
         """Attach a push stream; ``backlog`` (replayed events) is written first."""
         frames = [event.frame for event in backlog]
         if frames:
-            stream.send(b"".join(frames))
+            stream.sink.send(b"".join(frames))
         self.stream_count += 1
         self._place(stream)
 
@@ -432,10 +444,10 @@ class Hub:
         stream.closed = True
         self._unplace(stream)
         stream.pending = []
-        stream.missed.clear()
+        stream.missed = None
         self.stream_count -= 1
         self.closed_by_reason[reason] += 1
-        stream.close(reason)
+        stream.sink.hub_closed(reason)
 
     def pause(self, stream: Stream) -> None:
         """The stream's transport is full: stop writing conflating topics to it."""
@@ -450,13 +462,13 @@ class Hub:
         """The stream drained: send the latest event of each topic it missed, then go on live."""
         if stream.closed or not stream.paused:
             return
-        missed = sorted(stream.missed.values(), key=lambda pair: pair[1].seq)
-        stream.missed.clear()
+        missed = sorted((stream.missed or {}).values(), key=lambda pair: pair[1].seq)
+        stream.missed = None
         if missed:
             for skipped, _event in missed:
                 self.conflated += skipped - 1
             self.delivered += len(missed)
-            stream.send(b"".join(event.frame for _skipped, event in missed))
+            stream.sink.send(b"".join(event.frame for _skipped, event in missed))
         self._unplace(stream)
         stream.paused = False
         self._place(stream)

@@ -217,7 +217,7 @@ class Server:
                     continue
                 if all(self.hub.topics[t].last_publish < quiet_since if t in self.hub.topics else True
                        for t in stream.topics) and conn.stream_started < quiet_since:
-                    conn.write_frames(HEARTBEAT)
+                    conn.send(HEARTBEAT)
             self._last_heartbeat = now
         for conn in list(self.streams):
             stream = conn.stream
@@ -273,7 +273,8 @@ class Server:
             raise HTTPError(503, "the server is shutting down", [("Retry-After", "1")])
         if len(self.streams) >= self.config.max_streams:
             raise HTTPError(503, "too many open streams", [("Retry-After", str(random.randint(1, 5)))])
-        if self.streams_by_client.get(client, 0) >= self.config.max_streams_per_client:
+        per_client = self.config.max_streams_per_client
+        if per_client and self.streams_by_client.get(client, 0) >= per_client:
             raise HTTPError(429, "too many open streams from this address", [("Retry-After", "5")])
 
     def stream_opened(self, conn: Connection) -> None:
@@ -306,7 +307,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.parser = http11.RequestParser(max_body_bytes=server.config.max_body)
+        self.parser: http11.RequestParser | None = http11.RequestParser(max_body_bytes=server.config.max_body)
         self.client = ""
         self.busy = False
         self.closing = False
@@ -345,13 +346,14 @@ class Connection(asyncio.Protocol):
             self._task.cancel()
 
     def data_received(self, data: bytes) -> None:
-        if self.stream is not None or self.closing:
+        parser = self.parser
+        if parser is None or self.stream is not None or self.closing:
             self._stream_input += len(data)
             if self._stream_input > MAX_STREAM_INPUT_BYTES:
                 self.close()
             return
         try:
-            self.parser.feed(data)
+            parser.feed(data)
         except ProtocolError as exc:
             self._protocol_error(exc, None)
             return
@@ -409,17 +411,18 @@ class Connection(asyncio.Protocol):
     def _process(self) -> None:
         """Answer every complete request buffered, in order, until one must wait."""
         server = self.server
-        while not self.busy and not self.closing and self.stream is None:
+        parser = self.parser
+        while parser is not None and not self.busy and not self.closing and self.stream is None:
             try:
-                request = self.parser.next_request()
+                request = parser.next_request()
             except ProtocolError as exc:
                 self._protocol_error(exc, None)
                 return
             if request is None:
-                if self.parser.wants_continue and self.transport is not None:
+                if parser.wants_continue and self.transport is not None:
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    self.parser.continue_sent()
-                if self.parser.in_progress:
+                    parser.continue_sent()
+                if parser.in_progress:
                     if not self._awaiting_head:
                         self._arm(server.config.header_timeout, self._header_timeout)
                         self._awaiting_head = True
@@ -533,7 +536,7 @@ class Connection(asyncio.Protocol):
         server.stream_opened(self)
         self.stream_started = time.monotonic()
         retry_ms = int(server.config.retry_ms * random.uniform(1.0, 1.5))
-        self.write_frames(encode_retry(retry_ms))
+        self.send(encode_retry(retry_ms))
         self._task = asyncio.ensure_future(self._go_live(spec))
 
     async def _go_live(self, spec: EventStream) -> None:
@@ -556,21 +559,25 @@ class Connection(asyncio.Protocol):
         assert transport is not None
         cap = self.server.config.stream_buffer
         transport.set_write_buffer_limits(high=cap // 2)
-        stream = Stream(spec.topics, self.write_frames,
-                        send_framed=transport.write if self.chunked else None,
-                        buffered=transport.get_write_buffer_size,
-                        close=self._hub_closed, cap_bytes=cap)
+        stream = Stream(spec.topics, self, send_framed=transport.write if self.chunked else None,
+                        cap_bytes=cap)
         self.stream = stream
+        self.parser = None  # no request follows an event stream on its connection
         if frames:
-            self.write_frames(b"".join(frames))
+            self.send(b"".join(frames))
         self.server.hub.open_stream(stream)
 
-    def write_frames(self, frames: bytes) -> None:
+    # -- hub.Sink ---------------------------------------------------------------------
+
+    def send(self, frames: bytes) -> None:
         """Write SSE frames, chunk-framed on HTTP/1.1."""
         if self.transport is not None and not self.closing:
             self.transport.write(http11.chunk(frames) if self.chunked else frames)
 
-    def _hub_closed(self, reason: CloseReason) -> None:
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def hub_closed(self, reason: CloseReason) -> None:
         self._stream_ended()
         if reason is not CloseReason.CLIENT and self.transport is not None and not self.closing:
             if self.chunked:
