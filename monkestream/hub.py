@@ -148,6 +148,7 @@ class _Mailbox(asyncio.Queue):
     def __init__(self, maxsize: int, policy: Policy) -> None:
         self.policy = policy
         self.dropped = 0
+        self.capacity = maxsize
         super().__init__(maxsize)
 
     def _init(self, maxsize: int) -> None:
@@ -170,7 +171,7 @@ class _Mailbox(asyncio.Queue):
             self._queue[item.topic] = item  # the newer event takes the older one's place
             self.dropped += 1
             return True
-        if self.full():
+        if len(self._queue) >= self.capacity:
             if self.policy is Policy.CLOSE:
                 return False
             self._get()
@@ -319,11 +320,14 @@ class Hub:
 
         ``data`` is JSON-encoded once, unless ``json_text`` gives its encoding.
         """
-        self.seq += 1
-        event_id = EventId(self.epoch, self.seq)
+        self.seq = seq = self.seq + 1
         text = json_text if json_text is not None else _dumps(data)
-        event = Event(topic, name, data, event_id, encode_event(name, text, str(event_id)))
-        self._fan_out(self.topic(topic), event)
+        if "\n" in text or "\r" in text or "\n" in name or "\r" in name:
+            frame = encode_event(name, text, f"{self.epoch}-{seq}")
+        else:  # the common case, the same bytes encode_event would give
+            frame = f"id: {self.epoch}-{seq}\nevent: {name}\ndata: {text}\n\n".encode()
+        event = Event(topic, name, data, EventId(self.epoch, seq), frame)
+        self._fan_out(self.topics.get(topic) or self.topic(topic), event)
         return event
 
     def _fan_out(self, t: Topic, event: Event) -> None:
