@@ -208,6 +208,8 @@ class ServerProcess:
             self.proc.kill()
             code = self.proc.wait()
         self.read_log()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return code
 
     def __enter__(self) -> ServerProcess:
