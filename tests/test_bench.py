@@ -15,14 +15,8 @@ import threading
 
 import pytest
 
-from monkestream.bench import (
-    StreamScanner,
-    hist_index,
-    hist_value,
-    main,
-    percentile_us,
-    take_response,
-)
+from monkestream.bench import main
+from monkestream.benchwire import StreamScanner, hist_index, hist_value, percentile_us, take_response
 from monkestream.sse import EventId, encode_comment, encode_event, encode_retry
 
 EPOCH = 1732660000000
