@@ -28,6 +28,7 @@ import logging
 import random
 import re
 import time
+import weakref
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 from typing import Any, Awaitable, Callable, Iterable, Union
@@ -41,7 +42,7 @@ from .sse import encode_comment, encode_retry
 
 log = logging.getLogger("monkestream")
 
-TICK_S = 0.5                 # the shared timer's period (heartbeats, stalls, max age)
+TICK_S = 0.5                 # the shared timer's longest period (heartbeats, stalls, max age)
 MAX_STREAM_INPUT_BYTES = 64 * 1024   # what a streaming client may send before it is cut off
 SHUTDOWN_GRACE_S = 5.0
 
@@ -162,7 +163,9 @@ class Server:
         self._server: asyncio.AbstractServer | None = None
         self._tick: asyncio.TimerHandle | None = None
         self._last_heartbeat = 0.0
-        self._deadlines: list[tuple[float, int, Connection]] = []
+        self.paused: set[Connection] = set()   # streams whose transport is full
+        self._deadlines: list[tuple[float, int, weakref.ref[Connection]]] = []  # max age, lazily pruned
+        self._tick_s = min(TICK_S, config.heartbeat / 2, config.stall_timeout / 2)
         self._clock = _Clock()
         self._origins = config.allowed_origins
         self.ssl_context: Any = None
@@ -176,7 +179,7 @@ class Server:
             backlog=4096, reuse_address=True, ssl=self.ssl_context)
         self.accepting = True
         self._last_heartbeat = loop.time()
-        self._tick = loop.call_later(TICK_S, self._on_tick)
+        self._tick = loop.call_later(self._tick_s, self._on_tick)
 
     @property
     def port(self) -> int:
@@ -219,16 +222,16 @@ class Server:
                        for t in stream.topics) and conn.stream_started < quiet_since:
                     conn.send(HEARTBEAT)
             self._last_heartbeat = now
-        for conn in list(self.streams):
+        for conn in list(self.paused):
             stream = conn.stream
             if stream is not None and stream.paused and mono - stream.paused_at > config.stall_timeout:
                 self.hub.close_stream(stream, CloseReason.PEER_GONE)
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= mono:
-            _, _, conn = heapq.heappop(deadlines)
-            if conn.stream is not None:
+            conn = heapq.heappop(deadlines)[2]()
+            if conn is not None and conn.stream is not None:
                 self.hub.close_stream(conn.stream, CloseReason.MAX_AGE)
-        self._tick = loop.call_later(TICK_S, self._on_tick)
+        self._tick = loop.call_later(self._tick_s, self._on_tick)
 
     # -- helpers for connections -----------------------------------------------
 
@@ -282,9 +285,10 @@ class Server:
         self.streams_by_client[conn.client] = self.streams_by_client.get(conn.client, 0) + 1
         if self.config.max_stream_age > 0:
             age = self.config.max_stream_age * random.uniform(0.8, 1.0)
-            heapq.heappush(self._deadlines, (time.monotonic() + age, id(conn), conn))
+            heapq.heappush(self._deadlines, (time.monotonic() + age, id(conn), weakref.ref(conn)))
 
     def stream_closed(self, conn: Connection) -> None:
+        self.paused.discard(conn)
         if conn in self.streams:
             self.streams.discard(conn)
             left = self.streams_by_client.get(conn.client, 1) - 1
@@ -292,9 +296,6 @@ class Server:
                 self.streams_by_client[conn.client] = left
             else:
                 self.streams_by_client.pop(conn.client, None)
-            if self._deadlines:
-                self._deadlines = [d for d in self._deadlines if d[2] is not conn]
-                heapq.heapify(self._deadlines)
 
 
 class Connection(asyncio.Protocol):
@@ -302,7 +303,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = ("server", "transport", "parser", "client", "busy", "closing", "stream",
                  "stream_started", "chunked", "_timer", "_task", "_reading_paused", "_on_close",
-                 "_stream_input", "_awaiting_head", "_eof")
+                 "_stream_input", "_awaiting_head", "_eof", "__weakref__")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -370,6 +371,7 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.stream is not None:
+            self.server.paused.add(self)
             self.server.hub.pause(self.stream)
         elif self.transport is not None and not self._reading_paused:
             self._reading_paused = True
@@ -377,6 +379,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         if self.stream is not None:
+            self.server.paused.discard(self)
             self.server.hub.resume(self.stream)
         elif self.transport is not None and self._reading_paused:
             self._reading_paused = False
