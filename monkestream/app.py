@@ -344,7 +344,12 @@ class App:
 
     def _routes(self) -> None:
         add = self.router.add
-        add("GET", "/", self.get_index)
+        from .static import StaticFiles
+        add = self.router.add
+        files = StaticFiles()
+        add("GET", "/", files.serve)
+        add("GET", "/static/{name}", files.serve)
+        add("GET", "/api", self.get_index)
         add("GET", "/healthz", self.get_healthz)
         add("GET", "/symbols", self.get_symbols)
         add("POST", "/tickers", self.post_tickers)

@@ -244,7 +244,7 @@ def test_publishing_needs_the_token_when_one_is_set(tmp_path):
 
 
 def test_index_healthz_and_symbols(server):
-    status, _, body = request(server.port, "GET", "/")
+    status, _, body = request(server.port, "GET", "/api")
     assert status == 200 and json.loads(body)["name"] == "monkestream"
     post_price(server.port, "ZED", "3")
     status, _, body = request(server.port, "GET", "/symbols")
@@ -265,6 +265,7 @@ def test_sigterm_flushes_everything_while_a_client_streams(tmp_path):
         assert code == 0, srv.read_log()
         client.pump(2)
         assert client.closed  # the stream was ended by the server
+        client.close()
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
