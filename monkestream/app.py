@@ -9,6 +9,9 @@ Rule 2: the store pipeline is ``subscription → buffer_time → SQLite``; the
         chart pipeline is ``subscription → group_by(symbol) → throttle_time``.
         Ingest refuses (503) rather than let unwritten tickers grow past
         ``MAX_UNPERSISTED``, so memory stays bounded and nothing accepted is lost.
+        It also refuses while the oldest unwritten ticker is older than the
+        flush interval plus ``MAX_WRITE_LAG_S``, so a crash loses about one
+        window, not whatever a lagging writer had queued.
 Rule 3: shutdown runs in order: stop accepting, end the streams, end the
         pipelines' subscriptions (buffer_time emits the last window), write
         it, record a clean end of the run, close the database.
@@ -17,8 +20,10 @@ Rule 3: shutdown runs in order: stop accepting, end the streams, end the
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import logging
+import re
 import time
 from typing import Any
 
@@ -31,6 +36,7 @@ from .http11 import chunk
 from .ops import buffer_time, pipe
 from .server import EventStream, Exchange, HTTPError, Response, Router, Server, json_response
 from .sse import EventId, encode_event
+from .static import StaticFiles
 from .store import Store
 from .ticker import MAX_BULK_TICKERS, InvalidTicker, Ticker, loads, parse_symbol, parse_ticker
 
@@ -38,9 +44,11 @@ log = logging.getLogger("monkestream")
 
 MAX_UNPERSISTED = 500_000        # tickers accepted but not yet in SQLite
 STORE_WINDOW_MAX_ROWS = 100_000  # a window is written early when it reaches this
+MAX_WRITE_LAG_S = 0.5            # beyond the flush interval, how far the writer may fall behind
 HISTORY_DEFAULT_LIMIT = 500
 MAX_STREAM_TOPICS = 32
 TOPIC_KINDS = ("ticker", "room")
+_INTEGER = re.compile(r"-?[0-9]{1,19}")  # ASCII only; one optional sign
 
 
 def ticker_topic(symbol: str) -> str:
@@ -60,6 +68,7 @@ class App:
         self.server = Server(config, self.hub, self.router)
         self.started_at = time.time()
         self.unpersisted = 0
+        self._unwritten: collections.deque[tuple[float, int]] = collections.deque()  # (accepted at, last seq)
         self.ingested = 0
         self.ingest_by_status: dict[int, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -112,6 +121,9 @@ class App:
                 part, rows = rows[:STORE_WINDOW_MAX_ROWS], rows[STORE_WINDOW_MAX_ROWS:]
                 await self.store.append_tickers(part)
                 self.unpersisted -= len(part)
+                written, unwritten = part[-1][0], self._unwritten
+                while unwritten and unwritten[0][1] <= written:
+                    unwritten.popleft()
 
     async def _chart(self, sub: Subscription) -> None:
         async def tickers() -> Any:
@@ -123,7 +135,9 @@ class App:
 
     def ingest(self, tickers: list[Ticker]) -> list[Event]:
         """Publish validated tickers, all or none; HTTPError when they cannot be taken now."""
-        if self.unpersisted + len(tickers) > MAX_UNPERSISTED:
+        now = time.monotonic()
+        if (self.unpersisted + len(tickers) > MAX_UNPERSISTED
+                or self._unwritten and now - self._unwritten[0][0] > self.config.flush_interval + MAX_WRITE_LAG_S):
             raise HTTPError(503, "the database is behind; retry shortly", [("Retry-After", "1")])
         hub = self.hub
         new_topics = {t.symbol for t in tickers if ticker_topic(t.symbol) not in hub.topics}
@@ -136,6 +150,8 @@ class App:
             self.charts.note_latest(ticker)
         self.unpersisted += len(tickers)
         self.ingested += len(tickers)
+        if events:
+            self._unwritten.append((now, events[-1].seq))
         return events
 
     def has_token(self, request: Any) -> bool:
@@ -213,7 +229,9 @@ class App:
 
     def get_chart(self, ex: Exchange) -> Response:
         symbol = _symbol(ex)
-        window = _one(ex.request.query_params(), "window") or "5m"
+        window = _one(ex.request.query_params(), "window")
+        if window is None:
+            window = "5m"
         if window not in charts_mod.WINDOWS:
             raise HTTPError(400, f"window: must be one of {', '.join(charts_mod.WINDOWS)}")
         points = self.charts.points(symbol, window, time.time())
@@ -344,8 +362,6 @@ class App:
 
     def _routes(self) -> None:
         add = self.router.add
-        from .static import StaticFiles
-        add = self.router.add
         files = StaticFiles()
         add("GET", "/", files.serve)
         add("GET", "/static/{name}", files.serve)
@@ -383,7 +399,7 @@ def _int_param(params: dict[str, list[str]], name: str, default: int | None, low
     text = _one(params, name)
     if text is None or text == "":
         return default
-    if not (text.isascii() and text.lstrip("-").isdigit()) or len(text) > 20:
+    if _INTEGER.fullmatch(text) is None:
         raise HTTPError(400, f"{name}: must be an integer")
     value = int(text)
     if not low <= value <= high:

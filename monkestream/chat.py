@@ -36,6 +36,7 @@ USER_RE = re.compile(r"[A-Za-z0-9._-]{1,24}")
 MAX_TEXT_CHARS = 500
 COMMENTS_DEFAULT_LIMIT = 50
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone "\\ud800" in JSON: no UTF-8 can store it
 
 
 def room_topic(room: str) -> str:
@@ -64,6 +65,8 @@ def parse_text(text: Any) -> str:
         raise HTTPError(422, f"text: must be at most {MAX_TEXT_CHARS} characters")
     if _CONTROL.search(text):
         raise HTTPError(422, "text: must not contain control characters")
+    if _SURROGATE.search(text):
+        raise HTTPError(422, "text: must not contain unpaired surrogates")
     return text
 
 
@@ -161,7 +164,7 @@ class Chat:
         room = parse_room(ex.params["room"])
         params = ex.request.query_params()
         text = (params.get("limit") or [str(COMMENTS_DEFAULT_LIMIT)])[-1]
-        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 500:
+        if not (text.isascii() and text.isdigit()) or len(text) > 3 or not 1 <= int(text) <= 500:
             raise HTTPError(400, "limit: must be an integer from 1 to 500")
         comments = await self.app.store.comments(room, int(text))
         return json_response({"room": room, "comments": [c.to_dict() for c in comments]})

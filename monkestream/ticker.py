@@ -19,6 +19,8 @@ MAX_PRICE_DIGITS = 40          # significant digits kept
 MAX_PRICE_EXPONENT = 30        # 1e30 > any price; 1e-30 < any tick size
 MAX_BULK_TICKERS = 10000
 _EXACT = Context(prec=MAX_PRICE_DIGITS + 1)  # normalize() without rounding any accepted price
+# ASCII digits and spaces only: Decimal() would also take "١٢" or full-width digits
+_DECIMAL_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,4})?\s*", re.ASCII)
 
 
 class InvalidTicker(ValueError):
@@ -60,7 +62,7 @@ def parse_price(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, Decimal, str)):
         raise InvalidTicker("price", "must be a number or a decimal string")
     if isinstance(value, str):
-        if not re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,4})?\s*", value):
+        if not _DECIMAL_TEXT.fullmatch(value):
             raise InvalidTicker("price", "is not a decimal number")
         value = value.strip()
     try:
