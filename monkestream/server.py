@@ -132,6 +132,14 @@ class Router:
         raise HTTPError(404, "no such resource")
 
 
+def _raw_path(target: str) -> str:
+    """The still-encoded path of a request-target, absolute-form reduced as http11 does (RFC 9112 §3.2.2)."""
+    path = target.partition("?")[0]
+    if path.startswith("/") or path == "*":
+        return path
+    return "/" + path.partition("://")[2].partition("/")[2]
+
+
 class _Clock:
     """The Date header, formatted at most once a second."""
 
@@ -176,7 +184,8 @@ class Server:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: Connection(self), self.config.host, self.config.port,
-            backlog=4096, reuse_address=True, ssl=self.ssl_context)
+            backlog=4096, reuse_address=True, ssl=self.ssl_context,
+            ssl_handshake_timeout=self.config.header_timeout if self.ssl_context is not None else None)
         self.accepting = True
         self._last_heartbeat = loop.time()
         self._tick = loop.call_later(self._tick_s, self._on_tick)
@@ -343,6 +352,8 @@ class Connection(asyncio.Protocol):
         self._disarm()
         if self.stream is not None:
             self.server.hub.close_stream(self.stream, CloseReason.CLIENT)
+        elif self in self.server.streams:
+            self._stream_ended()  # opened but not live yet: _go_live may be cancelled before it runs
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
@@ -441,7 +452,7 @@ class Connection(asyncio.Protocol):
             self._preflight(request)
             return
         try:
-            handler, params = server.router.match(request.method, request.target.partition("?")[0])
+            handler, params = server.router.match(request.method, _raw_path(request.target))
             result = handler(Exchange(request, params, self.client))
         except Exception as exc:  # noqa: BLE001 - translated to a response in one place
             self._answer(request, exc)
@@ -525,8 +536,13 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self.chunked = request.version == "1.1"
-        origin = server.cors_origin(request) or "null"
-        fields = [*SSE_HEADERS, ("Access-Control-Allow-Origin", origin), ("X-Accel-Buffering", "no")]
+        fields = [*SSE_HEADERS]
+        origin = server.cors_origin(request)
+        if origin is not None:
+            fields.append(("Access-Control-Allow-Origin", origin))
+            if origin != "*":
+                fields.append(("Vary", "Origin"))
+        fields.append(("X-Accel-Buffering", "no"))
         if self.chunked:
             fields.append(("Transfer-Encoding", "chunked"))
         server.count(200)
@@ -604,3 +620,8 @@ class Connection(asyncio.Protocol):
         self._disarm()
         if self.transport is not None:
             self.transport.close()
+            if self.transport.get_write_buffer_size():
+                # close() waits for the buffer to drain: a peer that stopped reading
+                # would keep the socket and its buffer forever
+                self._timer = asyncio.get_running_loop().call_later(
+                    self.server.config.stall_timeout, self.transport.abort)
