@@ -43,7 +43,6 @@ from .ticker import MAX_BULK_TICKERS, InvalidTicker, Ticker, loads, parse_symbol
 log = logging.getLogger("monkestream")
 
 MAX_UNPERSISTED = 500_000        # tickers accepted but not yet in SQLite
-STORE_WINDOW_MAX_ROWS = 100_000  # a window is written early when it reaches this
 MAX_WRITE_LAG_S = 0.5            # beyond the flush interval, how far the writer may fall behind
 HISTORY_DEFAULT_LIMIT = 500
 MAX_STREAM_TOPICS = 32
@@ -116,14 +115,14 @@ class App:
         """subscription → buffer_time(flush_interval) → one SQLite transaction per window."""
         windows = pipe(sub.batches(), buffer_time(self.config.flush_interval, emit_empty=False))
         async for window in windows:
-            rows = [(event.seq, event.data) for batch in window for event in batch]
-            while rows:
-                part, rows = rows[:STORE_WINDOW_MAX_ROWS], rows[STORE_WINDOW_MAX_ROWS:]
-                await self.store.append_tickers(part)
-                self.unpersisted -= len(part)
-                written, unwritten = part[-1][0], self._unwritten
-                while unwritten and unwritten[0][1] <= written:
-                    unwritten.popleft()
+            count = sum(len(batch) for batch in window)
+            written = window[-1][-1].seq
+            # a generator: the writer thread, not the event loop, walks the window
+            await self.store.append_tickers(((e.seq, e.data) for batch in window for e in batch), count, written)
+            self.unpersisted -= count
+            unwritten = self._unwritten
+            while unwritten and unwritten[0][1] <= written:
+                unwritten.popleft()
 
     async def _chart(self, sub: Subscription) -> None:
         async def tickers() -> Any:
@@ -133,20 +132,25 @@ class App:
 
     # -- ingest ---------------------------------------------------------------------
 
+    def check_capacity(self, count: int = 0) -> None:
+        """HTTPError 503 when ``count`` more tickers cannot be taken now (Rule 2)."""
+        unwritten = self._unwritten
+        if (self.unpersisted + count > MAX_UNPERSISTED or unwritten
+                and time.monotonic() - unwritten[0][0] > self.config.flush_interval + MAX_WRITE_LAG_S):
+            raise HTTPError(503, "the database is behind; retry shortly", [("Retry-After", "1")])
+
     def ingest(self, tickers: list[Ticker]) -> list[Event]:
         """Publish validated tickers, all or none; HTTPError when they cannot be taken now."""
+        self.check_capacity(len(tickers))
         now = time.monotonic()
-        if (self.unpersisted + len(tickers) > MAX_UNPERSISTED
-                or self._unwritten and now - self._unwritten[0][0] > self.config.flush_interval + MAX_WRITE_LAG_S):
-            raise HTTPError(503, "the database is behind; retry shortly", [("Retry-After", "1")])
         hub = self.hub
-        new_topics = {t.symbol for t in tickers if ticker_topic(t.symbol) not in hub.topics}
-        if new_topics and len(hub.topics) + len(new_topics) > self.config.max_topics:
+        topics = {symbol: ticker_topic(symbol) for symbol in {t.symbol for t in tickers}}
+        new_topics = sum(1 for topic in topics.values() if topic not in hub.topics)
+        if new_topics and len(hub.topics) + new_topics > self.config.max_topics:
             raise HTTPError(503, "too many symbols", [("Retry-After", "60")])
-        events = []
-        for ticker in tickers:
-            events.append(hub.publish(ticker_topic(ticker.symbol), "price_update", ticker,
-                                      json_text=ticker.to_json()))
+        publish = hub.publish
+        events = [publish(topics[t.symbol], "price_update", t, json_text=t.to_json()) for t in tickers]
+        for ticker in {t.symbol: t for t in tickers}.values():  # the last of each symbol
             self.charts.note_latest(ticker)
         self.unpersisted += len(tickers)
         self.ingested += len(tickers)
@@ -199,6 +203,7 @@ class App:
 
     def _post_tickers(self, ex: Exchange) -> Response:
         self._authorize(ex)
+        self.check_capacity()  # before the parsing, which costs more than the rest
         try:
             body = loads(ex.request.body)
             if not isinstance(body, list):
@@ -206,9 +211,10 @@ class App:
             if len(body) > MAX_BULK_TICKERS:
                 raise InvalidTicker("body", f"holds more than {MAX_BULK_TICKERS} tickers", 413)
             tickers = []
+            now = time.time()
             for i, item in enumerate(body):
                 try:
-                    tickers.append(parse_ticker(item))
+                    tickers.append(parse_ticker(item, now=now))
                 except InvalidTicker as exc:
                     raise InvalidTicker(f"[{i}].{exc.field}", str(exc).split(": ", 1)[1], exc.status) from None
         except InvalidTicker as exc:

@@ -67,15 +67,19 @@ class Policy(enum.Enum):
 class Event:
     """One published event, serialized once."""
 
-    __slots__ = ("topic", "name", "data", "id", "frame", "seq")
+    __slots__ = ("topic", "name", "data", "epoch", "seq", "frame")
 
-    def __init__(self, topic: str, name: str, data: Any, event_id: EventId, frame: bytes) -> None:
+    def __init__(self, topic: str, name: str, data: Any, epoch: int, seq: int, frame: bytes) -> None:
         self.topic = topic
         self.name = name
         self.data = data
-        self.id = event_id
-        self.seq = event_id.seq
+        self.epoch = epoch
+        self.seq = seq
         self.frame = frame
+
+    @property
+    def id(self) -> EventId:
+        return EventId(self.epoch, self.seq)
 
     def __repr__(self) -> str:
         return f"Event({self.topic!r}, {self.name!r}, id={self.id})"
@@ -143,48 +147,69 @@ class Stream:
 
 
 class _Mailbox(asyncio.Queue):
-    """A bounded queue with an overflow policy (asyncio.Queue's documented hooks)."""
+    """A bounded queue of events, a ring: full, the oldest makes room (or, ``lossless``, it refuses).
 
-    def __init__(self, maxsize: int, policy: Policy) -> None:
-        self.policy = policy
+    Built on asyncio.Queue's documented hooks (``_init``, ``_put``, ``_get``).
+    ``join()``/``task_done()`` are not supported: ``offer`` skips the
+    bookkeeping they need when the queue already holds items.
+    """
+
+    def __init__(self, maxsize: int, lossless: bool = False) -> None:
+        self.lossless = lossless
         self.dropped = 0
         self.capacity = maxsize
         super().__init__(maxsize)
 
     def _init(self, maxsize: int) -> None:
-        self._queue: Any = {} if self.policy is Policy.CONFLATE else deque()
+        self._queue: Any = deque()
 
     def _put(self, item: Event) -> None:
-        if self.policy is Policy.CONFLATE:
-            self._queue[item.topic] = item
-        else:
-            self._queue.append(item)
+        self._queue.append(item)
 
     def _get(self) -> Event:
-        if self.policy is Policy.CONFLATE:
-            return self._queue.pop(next(iter(self._queue)))
         return self._queue.popleft()
 
     def offer(self, item: Event) -> bool:
         """Put without waiting, applying the policy; False means the subscriber must end."""
-        if self.policy is Policy.CONFLATE and item.topic in self._queue:
-            self._queue[item.topic] = item  # the newer event takes the older one's place
-            self.dropped += 1
-            return True
-        if len(self._queue) >= self.capacity:
-            if self.policy is Policy.CLOSE:
+        queue = self._queue
+        if len(queue) >= self.capacity:
+            if self.lossless:
                 return False
             self._get()
             self.dropped += 1
-        self.put_nowait(item)
+        if queue:
+            self._put(item)  # a consumer waits only on an empty queue: nobody to wake
+        else:
+            self.put_nowait(item)
         return True
+
+
+class _ConflatingMailbox(_Mailbox):
+    """Keeps the latest event per topic; full, the topic waiting longest makes room."""
+
+    def _init(self, maxsize: int) -> None:
+        self._queue = {}
+
+    def _put(self, item: Event) -> None:
+        self._queue[item.topic] = item
+
+    def _get(self) -> Event:
+        return self._queue.pop(next(iter(self._queue)))
+
+    def offer(self, item: Event) -> bool:
+        queue = self._queue
+        if item.topic in queue:
+            queue[item.topic] = item  # the newer event takes the older one's place
+            self.dropped += 1
+            return True
+        return super().offer(item)
 
 
 class _End(Event):
     """Put into an empty mailbox by ``close()`` to wake a waiting consumer."""
 
     def __init__(self) -> None:
-        super().__init__("", "", None, EventId(0, 0), b"")
+        super().__init__("", "", None, 0, 0, b"")
 
 
 class Subscription:
@@ -197,7 +222,8 @@ class Subscription:
     def __init__(self, hub: Hub, topics: tuple[str, ...], maxsize: int, policy: Policy) -> None:
         self.hub = hub
         self.topics = topics
-        self._mailbox = _Mailbox(maxsize, policy)
+        self._mailbox = (_ConflatingMailbox(maxsize) if policy is Policy.CONFLATE
+                         else _Mailbox(maxsize, lossless=policy is Policy.CLOSE))
         self._closed = False
         self._overflowed = False
 
@@ -213,10 +239,9 @@ class Subscription:
     def qsize(self) -> int:
         return self._mailbox.qsize()
 
-    def _offer(self, event: Event) -> None:
-        if not self._mailbox.offer(event):
-            self._overflowed = True
-            self.close()
+    def _overflow(self) -> None:
+        self._overflowed = True
+        self.close()
 
     def close(self) -> None:
         """Unsubscribe; a consumer waiting in ``get()`` ends once the queue is drained."""
@@ -326,7 +351,7 @@ class Hub:
             frame = encode_event(name, text, f"{self.epoch}-{seq}")
         else:  # the common case, the same bytes encode_event would give
             frame = f"id: {self.epoch}-{seq}\nevent: {name}\ndata: {text}\n\n".encode()
-        event = Event(topic, name, data, EventId(self.epoch, seq), frame)
+        event = Event(topic, name, data, self.epoch, seq, frame)
         self._fan_out(self.topics.get(topic) or self.topic(topic), event)
         return event
 
@@ -338,8 +363,10 @@ class Hub:
         ring.append(event)
         t.last_event = event
         t.last_publish = time.monotonic()
-        for sub in tuple(t.subs) if t.subs else ():
-            sub._offer(event)
+        if t.subs:
+            overflowed = [sub for sub in t.subs if not sub._mailbox.offer(event)]
+            for sub in overflowed:
+                sub._overflow()
         if t.fast:
             if not t.pending:
                 self._dirty_topics.append(t)

@@ -21,7 +21,7 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from .sse import EventId
 from .ticker import Ticker
@@ -46,10 +46,9 @@ CREATE TABLE IF NOT EXISTS tickers (
     price TEXT NOT NULL,
     currency TEXT NOT NULL,
     created_at INTEGER NOT NULL,
-    PRIMARY KEY (epoch, seq)
+    PRIMARY KEY (symbol, epoch, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tickers_by_symbol_time ON tickers (symbol, created_at);
-CREATE INDEX IF NOT EXISTS tickers_by_symbol_id ON tickers (symbol, epoch, seq);
 CREATE TABLE IF NOT EXISTS comments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     room TEXT NOT NULL,
@@ -154,19 +153,22 @@ class Store:
 
     # -- tickers --------------------------------------------------------------
 
-    async def append_tickers(self, rows: Sequence[tuple[int, Ticker]]) -> None:
-        """Write one window of (seq, ticker) rows in one transaction."""
-        if not rows:
+    async def append_tickers(self, rows: Iterable[tuple[int, Ticker]], count: int, last_seq: int) -> None:
+        """Write one window of ``count`` (seq, ticker) rows, up to ``last_seq``, in one transaction.
+
+        ``rows`` may be a generator: it is consumed on the writer thread.
+        """
+        if not count:
             return
         started = time.perf_counter()
         await self._write(self._append_sync, rows)
         self.flush_seconds_total += time.perf_counter() - started
         self.batches_written += 1
-        self.rows_written += len(rows)
-        self.last_batch_rows = len(rows)
-        self.flushed_seq = max(self.flushed_seq, rows[-1][0])
+        self.rows_written += count
+        self.last_batch_rows = count
+        self.flushed_seq = max(self.flushed_seq, last_seq)
 
-    def _append_sync(self, rows: Sequence[tuple[int, Ticker]]) -> None:
+    def _append_sync(self, rows: Iterable[tuple[int, Ticker]]) -> None:
         assert self._wconn is not None
         epoch = self.epoch
         conn = self._wconn
@@ -174,7 +176,7 @@ class Store:
         try:
             conn.executemany(
                 "INSERT OR IGNORE INTO tickers (epoch, seq, symbol, price, currency, created_at) VALUES (?,?,?,?,?,?)",
-                [(epoch, seq, t.symbol, t.price, t.currency, t.created_at) for seq, t in rows])
+                ((epoch, seq, *ticker) for seq, ticker in rows))
         except BaseException:
             conn.execute("ROLLBACK")
             raise

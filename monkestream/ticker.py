@@ -20,6 +20,11 @@ MAX_PRICE_EXPONENT = 30        # 1e30 > any price; 1e-30 < any tick size
 MAX_BULK_TICKERS = 10000
 _EXACT = Context(prec=MAX_PRICE_DIGITS + 1)  # normalize() without rounding any accepted price
 # ASCII digits and spaces only: Decimal() would also take "١٢" or full-width digits
+_PLAIN_DECIMAL = re.compile(r"([0-9]{1,20})(?:\.([0-9]{0,20}))?")
+_CANONICAL_DECIMAL = re.compile(r"[1-9][0-9]{0,19}(?:\.[0-9]{0,19}[1-9])?|0\.[0-9]{0,19}[1-9]")
+MEMO_ENTRIES = 4096            # validated symbols and currencies remembered
+_symbols: dict[str, str] = {}
+_currencies: dict[str, str] = {}
 _DECIMAL_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,4})?\s*", re.ASCII)
 
 
@@ -52,13 +57,45 @@ class Ticker(NamedTuple):
 
 def parse_symbol(text: str) -> str:
     """The symbol upper-cased, or InvalidTicker."""
+    known = _symbols.get(text) if type(text) is str else None
+    if known is not None:
+        return known
     if not isinstance(text, str) or not SYMBOL_RE.fullmatch(text):
         raise InvalidTicker("symbol", "must be 1-20 characters of A-Z a-z 0-9 . _ -", 400)
-    return text.upper()
+    if len(_symbols) >= MEMO_ENTRIES:
+        _symbols.clear()
+    known = _symbols[text] = text.upper()
+    return known
 
 
 def parse_price(value: Any) -> str:
     """A positive finite price (number or decimal string) as exact canonical text."""
+    kind = type(value)
+    if kind is str or kind is Decimal:
+        plain = _plain_price(value if kind is str else format(value, "f") if value.is_finite()
+                             and -MAX_PRICE_EXPONENT <= value.adjusted() <= MAX_PRICE_EXPONENT else "")
+        if plain is not None:
+            return plain
+    elif kind is int and 0 < value < 10**MAX_PRICE_EXPONENT:
+        return str(value)
+    return _parse_price_strictly(value)
+
+
+def _plain_price(text: str) -> str | None:
+    """The common case without Decimal arithmetic: positive, at most 20 + 20 digits, no exponent."""
+    if _CANONICAL_DECIMAL.fullmatch(text) is not None:
+        return text  # what feeders usually send: already in canonical form
+    m = _PLAIN_DECIMAL.fullmatch(text)
+    if m is None:
+        return None
+    whole = m.group(1).lstrip("0") or "0"
+    fraction = (m.group(2) or "").rstrip("0")
+    if fraction:
+        return f"{whole}.{fraction}"
+    return whole if whole != "0" else None  # zero: the strict path says why it is refused
+
+
+def _parse_price_strictly(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, Decimal, str)):
         raise InvalidTicker("price", "must be a number or a decimal string")
     if isinstance(value, str):
@@ -84,9 +121,15 @@ def parse_price(value: Any) -> str:
 def parse_currency(value: Any) -> str:
     if value is None:
         return "USD"
+    known = _currencies.get(value) if type(value) is str else None
+    if known is not None:
+        return known
     if not isinstance(value, str) or not CURRENCY_RE.fullmatch(value):
         raise InvalidTicker("currency", "must be 3-8 letters")
-    return value.upper()
+    if len(_currencies) >= MEMO_ENTRIES:
+        _currencies.clear()
+    known = _currencies[value] = value.upper()
+    return known
 
 
 def parse_ticker(body: Any, symbol: str | None = None, now: float | None = None) -> Ticker:
