@@ -25,7 +25,7 @@ import hmac
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 from . import charts as charts_mod
 from .charts import ChartCache
@@ -43,6 +43,7 @@ from .ticker import MAX_BULK_TICKERS, InvalidTicker, Ticker, loads, parse_symbol
 log = logging.getLogger("monkestream")
 
 MAX_UNPERSISTED = 500_000        # tickers accepted but not yet in SQLite
+PRUNE_INTERVAL_S = 600           # how often history past --history-days is deleted
 MAX_WRITE_LAG_S = 0.5            # beyond the flush interval, how far the writer may fall behind
 HISTORY_DEFAULT_LIMIT = 500
 MAX_STREAM_TOPICS = 32
@@ -72,6 +73,7 @@ class App:
         self.ingest_by_status: dict[int, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Subscription] = []
+        self._retention: asyncio.Task[None] | None = None
         self._token = config.token.encode()
         self._routes()
         self.chat = Chat(self)
@@ -88,11 +90,19 @@ class App:
         self._subs = [store_sub, chart_sub]
         self._tasks = [asyncio.create_task(self._persist(store_sub), name="persist"),
                        asyncio.create_task(self._chart(chart_sub), name="charts")]
+        if self.config.history_days:
+            self._retention = asyncio.create_task(self._retain(), name="retention")
         await self.server.start()
 
     async def stop(self) -> None:
         """Stop without losing anything published before the call."""
         await self.server.stop()
+        if self._retention is not None:
+            self._retention.cancel()
+            try:
+                await self._retention
+            except asyncio.CancelledError:
+                pass
         for sub in self._subs:
             sub.close()
         for task in self._tasks:
@@ -123,6 +133,18 @@ class App:
             unwritten = self._unwritten
             while unwritten and unwritten[0][1] <= written:
                 unwritten.popleft()
+
+    async def _retain(self) -> None:
+        """Every PRUNE_INTERVAL_S, delete the history older than --history-days."""
+        while True:
+            try:
+                deleted = await self.store.prune(int(time.time() - self.config.history_days * 86400))
+            except Exception:  # noqa: BLE001 - a task root: logged, retried next time
+                log.exception("pruning the history failed")
+            else:
+                if deleted:
+                    log.info("deleted %d tickers older than %g days", deleted, self.config.history_days)
+            await asyncio.sleep(PRUNE_INTERVAL_S)
 
     async def _chart(self, sub: Subscription) -> None:
         async def tickers() -> Any:
@@ -174,21 +196,19 @@ class App:
         self.ingest_by_status[status] = self.ingest_by_status.get(status, 0) + 1
 
     def post_price(self, ex: Exchange) -> Response:
-        try:
-            response = self._post_price(ex)
-        except HTTPError as exc:
-            self._count_ingest(exc.status)
-            raise
-        self._count_ingest(201)
-        return response
+        return self._counted(self._post_price, ex)
 
     def post_tickers(self, ex: Exchange) -> Response:
+        return self._counted(self._post_tickers, ex)
+
+    def _counted(self, handler: Callable[[Exchange], Response], ex: Exchange) -> Response:
+        """Run an ingest handler, counting its answer by status for /metrics."""
         try:
-            response = self._post_tickers(ex)
+            response = handler(ex)
         except HTTPError as exc:
             self._count_ingest(exc.status)
             raise
-        self._count_ingest(201)
+        self._count_ingest(response.status)
         return response
 
     def _post_price(self, ex: Exchange) -> Response:

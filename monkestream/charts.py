@@ -57,14 +57,18 @@ class ChartCache:
         if ticker.symbol in self.latest or len(self.latest) < self.max_symbols:
             self.latest[ticker.symbol] = ticker
 
+    def _series_of(self, symbol: str) -> dict[str, deque[tuple[int, str]]] | None:
+        """The series of a symbol, created on first use; None past ``max_symbols``."""
+        by_window = self.series.get(symbol)
+        if by_window is None and len(self.series) < self.max_symbols:
+            by_window = self.series[symbol] = {name: deque(maxlen=w.points) for name, w in WINDOWS.items()}
+        return by_window
+
     def add_point(self, ticker: Ticker) -> None:
         """Add a 5-minute-chart point, and a coarser point where its interval has passed."""
-        by_window = self.series.get(ticker.symbol)
+        by_window = self._series_of(ticker.symbol)
         if by_window is None:
-            if len(self.series) >= self.max_symbols:
-                return
-            by_window = self.series[ticker.symbol] = {
-                name: deque(maxlen=w.points) for name, w in WINDOWS.items()}
+            return
         point = (ticker.created_at, ticker.price)
         for name, window in WINDOWS.items():
             points = by_window[name]
@@ -81,14 +85,9 @@ class ChartCache:
     def warm(self, window: str, tickers: list[Ticker]) -> None:
         """Seed one window's series from stored tickers (already one per bucket)."""
         for ticker in tickers:
-            self.note_latest(ticker)
-            by_window = self.series.get(ticker.symbol)
-            if by_window is None:
-                if len(self.series) >= self.max_symbols:
-                    continue
-                by_window = self.series[ticker.symbol] = {
-                    name: deque(maxlen=w.points) for name, w in WINDOWS.items()}
-            by_window[window].append((ticker.created_at, ticker.price))
+            by_window = self._series_of(ticker.symbol)
+            if by_window is not None:
+                by_window[window].append((ticker.created_at, ticker.price))
 
     async def run(self, tickers: AsyncIterable[Ticker], scheduler: Scheduler | None = None) -> None:
         """Feed the cache from a ticker stream until it ends: group_by(symbol) + throttle_time."""

@@ -28,6 +28,7 @@ class Config:
     db: str = field(default="./monkestream.db", metadata={"help": "SQLite file for history and comments"})
     token: str = field(default="", metadata={"help": "when set, publishing and deleting need 'Authorization: Bearer TOKEN'"})
     no_demo: bool = field(default=False, metadata={"help": "do not run the demo price feed"})
+    history_days: float = field(default=30.0, metadata={"help": "days of ticker history kept in SQLite (0: forever)", "min": 0, "max": 36500})
     flush_interval: float = field(default=1.0, metadata={"help": "seconds per SQLite batch window", "min": 0.01, "max": 3600})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error", "choices": LOG_LEVELS})
     # streams

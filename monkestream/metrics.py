@@ -44,6 +44,8 @@ def render(app: App) -> str:
                    [("", store.last_batch_rows)])
     out += _family("monkestream_sqlite_flush_seconds_total", "counter", "Time spent writing windows.",
                    [("", store.flush_seconds_total)])
+    out += _family("monkestream_sqlite_pruned_rows_total", "counter", "Tickers deleted past the retention.",
+                   [("", store.rows_pruned)])
     out += _family("monkestream_tickers_unpersisted", "gauge", "Tickers accepted and not yet in SQLite.",
                    [("", app.unpersisted)])
     out += _family("monkestream_ingest_requests_total", "counter", "Ingest requests, by status.",

@@ -12,12 +12,18 @@ Rule 3: each server run has a row in ``runs``, keyed by its epoch (the first
         records the last seq it issued; a run without that record crashed,
         and what it published after its last flushed window is unknown.
 Rule 4: every query is bounded by a LIMIT; callers never get an unbounded list.
+Rule 5: history older than the retention is deleted in small chunks, each its
+        own transaction on the writer thread, so windows keep flowing. The
+        horizon is recorded (``meta.pruned_before``): a resume from a run that
+        started before it is not covered, since its tickers may be gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +37,8 @@ T = TypeVar("T")
 HISTORY_LIMIT_MAX = 10000
 REPLAY_LIMIT_EVENTS = 10000
 COMMENTS_LIMIT_MAX = 500
+PRUNE_CHUNK_ROWS = 10000
+THREAD_NICE = 5           # the SQLite threads' niceness (the loop keeps the process's)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -58,6 +66,10 @@ CREATE TABLE IF NOT EXISTS comments (
     delete_key TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS comments_by_room ON comments (room, id);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value
+);
 """
 
 
@@ -82,6 +94,19 @@ class Comment:
                 "text": self.text, "createdAt": self.created_at}
 
 
+def _yield_to_loop() -> None:
+    """Lower this thread's scheduling priority, so a big window never delays the event loop.
+
+    On one core the writer and the loop share the CPU; with a higher nice value
+    the kernel runs the loop first whenever it has work, and the writer in the
+    time left over. Where the platform does not allow it, nothing changes.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), THREAD_NICE)
+    except (AttributeError, OSError):
+        pass
+
+
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -101,11 +126,13 @@ class Store:
         self.rows_written = 0
         self.flush_seconds_total = 0.0
         self.last_batch_rows = 0
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="monkestream-writer")
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="monkestream-reader")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="monkestream-writer", initializer=_yield_to_loop)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="monkestream-reader", initializer=_yield_to_loop)
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self.clean_runs: dict[int, int | None] = {}  # epoch -> last_seq (None: crashed)
+        self.pruned_before = 0        # unix seconds: tickers older than this may be deleted
+        self.rows_pruned = 0
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
@@ -129,6 +156,8 @@ class Store:
         epoch = max(now_ms, last + 1)
         conn.execute("INSERT INTO runs (epoch, started_at) VALUES (?, ?)", (epoch, time.time()))
         self.clean_runs = dict(conn.execute("SELECT epoch, last_seq FROM runs WHERE epoch < ?", (epoch,)))
+        row = conn.execute("SELECT value FROM meta WHERE key = 'pruned_before'").fetchone()
+        self.pruned_before = int(row[0]) if row else 0
         return epoch
 
     async def close(self, last_seq: int) -> None:
@@ -228,6 +257,8 @@ class Store:
         """
         if after.epoch == self.epoch:
             return True
+        if after.epoch < self.pruned_before * 1000:
+            return False
         last_seq = self.clean_runs.get(after.epoch)
         if last_seq is None or after.seq > last_seq:
             return False
@@ -245,6 +276,36 @@ class Store:
             "WHERE symbol = ? AND (epoch > ? OR (epoch = ? AND seq > ?)) ORDER BY epoch, seq LIMIT ?",
             (symbol, after.epoch, after.epoch, after.seq, limit)).fetchall()
         return [StoredTicker(EventId(r[0], r[1]), Ticker(*r[2:])) for r in rows]
+
+    async def prune(self, before: int) -> int:
+        """Delete tickers created before ``before`` (unix seconds), chunk by chunk; the count deleted."""
+        if before > self.pruned_before:
+            await self._write(self._set_pruned_before, before)
+            self.pruned_before = before
+        deleted = 0
+        for symbol in await self._read(self._symbols_sync):
+            while True:
+                count = await self._write(self._prune_chunk_sync, symbol, before)
+                deleted += count
+                self.rows_pruned += count
+                if count < PRUNE_CHUNK_ROWS:
+                    break
+        return deleted
+
+    def _set_pruned_before(self, before: int) -> None:
+        assert self._wconn is not None
+        self._wconn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pruned_before', ?)", (before,))
+
+    def _symbols_sync(self) -> list[str]:
+        assert self._rconn is not None
+        return [row[0] for row in self._rconn.execute("SELECT DISTINCT symbol FROM tickers")]
+
+    def _prune_chunk_sync(self, symbol: str, before: int) -> int:
+        assert self._wconn is not None
+        cur = self._wconn.execute(
+            "DELETE FROM tickers WHERE (symbol, epoch, seq) IN (SELECT symbol, epoch, seq FROM tickers "
+            "WHERE symbol = ? AND created_at < ? LIMIT ?)", (symbol, before, PRUNE_CHUNK_ROWS))
+        return cur.rowcount
 
     # -- comments -------------------------------------------------------------
 

@@ -33,6 +33,16 @@ def request(port: int, method: str, path: str, body: Any = None, headers: dict[s
         conn.close()
 
 
+def post_tickers(port: int, tickers: list[dict[str, Any]], timeout: float = 10.0) -> tuple[int, bytes]:
+    """POST /tickers, retrying while the server says the database is behind (503), as feeders do."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, _, body = request(port, "POST", "/tickers", tickers)
+        if status != 503 or time.monotonic() > deadline:
+            return status, body
+        time.sleep(0.05)
+
+
 def raw(port: int, data: bytes, timeout: float = 3.0, until_close: bool = True) -> bytes:
     """Send raw bytes; return everything received until the server closes (or the timeout)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:

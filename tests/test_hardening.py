@@ -32,7 +32,7 @@ import time
 from urllib.parse import quote
 
 import pytest
-from helpers import AppThread, ServerProcess, SSEClient, healthz, request
+from helpers import AppThread, ServerProcess, SSEClient, healthz, post_tickers, request
 
 from monkestream.store import integrity_ok
 
@@ -340,7 +340,7 @@ def test_a_stream_cut_off_for_not_reading_releases_its_connection(tmp_path):
             price = 0
             while s.app.hub.stream_count and price < 60_000:  # until the stalled stream is cut off
                 batch = [{"symbol": "CUT", "price": str(p)} for p in range(price + 1, price + 2001)]
-                assert request(s.port, "POST", "/tickers", batch)[0] == 201
+                assert post_tickers(s.port, batch)[0] == 201
                 price += 2000
             wait_until(lambda: s.app.hub.stream_count == 0)
             # the peer is still there, not reading: the server lets go of it all the same

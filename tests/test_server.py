@@ -319,3 +319,11 @@ def test_embedding_example_runs():
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "received 3 prices" in proc.stdout
+
+
+def test_readme_embedding_snippet_runs():
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "'price': 0.07" in proc.stdout

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import time
 
 import pytest
 
 from monkestream import CloseReason
 from monkestream.sse import EventId
-from helpers import AppThread, ServerProcess, SSEClient, request
+from helpers import AppThread, ServerProcess, SSEClient, post_tickers, request
 
 
 def publish(port, symbol, *prices):
-    tickers = [{"symbol": symbol, "price": str(p)} for p in prices]
-    status, _, body = request(port, "POST", "/tickers", tickers)
+    """Publish in bulk, retrying while the server says the database is behind (503), as feeders do."""
+    status, body = post_tickers(port, [{"symbol": symbol, "price": str(p)} for p in prices])
     assert status == 201, body
 
 
@@ -340,3 +341,26 @@ def test_metrics(server):
     assert samples['monkestream_ingest_requests_total{status="422"}'] == "1"
     assert int(samples["monkestream_sqlite_rows_total"]) == 2
     assert 'monkestream_streams_closed_total{reason="slow"}' in samples
+
+
+def test_history_past_the_retention_is_deleted_and_not_replayed(tmp_path):
+    db = tmp_path / "old.db"
+    with AppThread(db) as s:
+        publish(s.port, "OLD", 1, 2, 3)
+    conn = sqlite3.connect(db)
+    ten_days_ago = int(time.time()) - 10 * 86400
+    conn.execute("UPDATE tickers SET created_at = ?", (ten_days_ago,))
+    conn.execute("UPDATE runs SET epoch = epoch - ?", (10 * 86400 * 1000,))
+    conn.execute("UPDATE tickers SET epoch = epoch - ?", (10 * 86400 * 1000,))
+    conn.commit()
+    (old_epoch,) = conn.execute("SELECT MIN(epoch) FROM runs").fetchone()
+    conn.close()
+    old_id = f"{old_epoch}-1"
+    with AppThread(db, history_days=1) as s:
+        wait_until(lambda: s.app.store.rows_pruned == 3)
+        status, _, body = request(s.port, "GET", "/ticker/OLD/history")
+        assert json.loads(body)["tickers"] == []
+        with SSEClient(s.port, "/ticker/OLD/event", {"Last-Event-ID": old_id}) as client:
+            assert client.wait_for(1, name="reset")
+        _, _, metrics = request(s.port, "GET", "/metrics")
+        assert "monkestream_sqlite_pruned_rows_total 3" in metrics.decode()
