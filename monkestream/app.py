@@ -120,6 +120,7 @@ class App:
             self.charts.warm(name, seed)
         for ticker in await self.store.latest(self.config.max_topics):
             self.charts.note_latest(ticker)
+        log.debug("charts warmed from SQLite: %d symbols", len(self.charts.series))
 
     async def _persist(self, sub: Subscription) -> None:
         """subscription → buffer_time(flush_interval) → one SQLite transaction per window."""
@@ -459,6 +460,7 @@ async def serve(config: Config) -> None:
     log.info("monkestream listening on %s://%s:%d (loop: %s, epoch %d, db %s, demo %s)",
              scheme, config.host, app.server.port, _loop_name(loop), app.hub.epoch, config.db,
              "off" if demo is None else "on")
+    log.info("settings: %s", " ".join(f"{k}={v}" for k, v in config.summary().items()))
     try:
         await stop.wait()
     finally:

@@ -31,7 +31,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from urllib.parse import unquote
-from typing import Any, Awaitable, Callable, Iterable, Union
+from typing import Any, Awaitable, Callable, Iterable, Union, cast
 
 from . import http11
 from .config import Config
@@ -335,8 +335,7 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if isinstance(peer, tuple) else str(peer or "local")
         self.server.connections.add(self)
@@ -597,6 +596,7 @@ class Connection(asyncio.Protocol):
         return self.transport.get_write_buffer_size() if self.transport is not None else 0
 
     def hub_closed(self, reason: CloseReason) -> None:
+        log.debug("stream from %s closed: %s", self.client, reason.value)
         self._stream_ended()
         if reason is not CloseReason.CLIENT and self.transport is not None and not self.closing:
             if self.chunked:
