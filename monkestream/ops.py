@@ -60,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
@@ -397,7 +398,7 @@ async def merge(*sources: AsyncIterable[T]) -> AsyncIterator[T]:
 # -- the pump behind the time-based operators -----------------------------------
 
 
-class _Machine(Generic[T, U]):
+class _Machine(ABC, Generic[T, U]):
     """State of one time-based operator run, driven by its pump and its timer.
 
     Subclasses react to ``on_item``, ``on_complete`` and ``on_error`` (called by
@@ -413,8 +414,9 @@ class _Machine(Generic[T, U]):
     def start(self) -> None:
         """Run once before the first item (periodic operators arm here)."""
 
+    @abstractmethod
     def on_item(self, item: T) -> None:
-        raise NotImplementedError
+        """React to one item from the source."""
 
     def on_complete(self) -> None:
         self.stop()
