@@ -45,6 +45,7 @@ log = logging.getLogger("monkestream")
 MAX_UNPERSISTED = 500_000        # tickers accepted but not yet in SQLite
 PRUNE_INTERVAL_S = 600           # how often history past --history-days is deleted
 MAX_WRITE_LAG_S = 0.5            # beyond the flush interval, how far the writer may fall behind
+WRITE_RETRY_S = 1.0              # a window that failed to write is tried again after this
 HISTORY_DEFAULT_LIMIT = 500
 MAX_STREAM_TOPICS = 32
 TOPIC_KINDS = ("ticker", "room")
@@ -128,8 +129,16 @@ class App:
         async for window in windows:
             count = sum(len(batch) for batch in window)
             written = window[-1][-1].seq
-            # a generator: the writer thread, not the event loop, walks the window
-            await self.store.append_tickers(((e.seq, e.data) for batch in window for e in batch), count, written)
+            while True:
+                try:
+                    # a generator: the writer thread, not the event loop, walks the window
+                    await self.store.append_tickers(((e.seq, e.data) for batch in window for e in batch),
+                                                    count, written)
+                    break
+                except Exception:  # noqa: BLE001 - kept and retried: ingest refuses meanwhile (Rule 2)
+                    self.server.errors += 1
+                    log.exception("writing %d tickers to SQLite failed; retrying in %g s", count, WRITE_RETRY_S)
+                    await asyncio.sleep(WRITE_RETRY_S)
             self.unpersisted -= count
             unwritten = self._unwritten
             while unwritten and unwritten[0][1] <= written:

@@ -327,3 +327,26 @@ def test_readme_embedding_snippet_runs():
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "'price': 0.07" in proc.stdout
+
+
+def test_a_failed_window_write_is_retried_not_lost(tmp_path):
+    with AppThread(tmp_path / "retry.db", flush_interval=0.05) as s:
+        store = s.app.store
+        real = store._append_sync
+        failures = []
+
+        def flaky(rows):
+            if not failures:
+                failures.append(1)
+                raise sqlite3.OperationalError("disk I/O error")
+            return real(rows)
+        store._append_sync = flaky
+        assert post_price(s.port, "RETRY", "1.5")[0] == 201
+        deadline = time.monotonic() + 5
+        while store.rows_written < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert failures and store.rows_written == 1
+        assert s.app.server.errors == 1
+    conn = sqlite3.connect(tmp_path / "retry.db")
+    assert conn.execute("SELECT price FROM tickers").fetchall() == [("1.5",)]
+    conn.close()
