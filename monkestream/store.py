@@ -38,6 +38,7 @@ HISTORY_LIMIT_MAX = 10000
 REPLAY_LIMIT_EVENTS = 10000
 COMMENTS_LIMIT_MAX = 500
 PRUNE_CHUNK_ROWS = 10000
+ROWS_PER_INSERT = 100     # rows per INSERT statement (6 variables each; SQLite allows 32,766)
 THREAD_NICE = 5           # the SQLite threads' niceness (the loop keeps the process's)
 
 SCHEMA = """
@@ -71,6 +72,10 @@ CREATE TABLE IF NOT EXISTS meta (
     value
 );
 """
+
+
+_INSERT_ONE = "INSERT OR IGNORE INTO tickers (epoch, seq, symbol, price, currency, created_at) VALUES (?,?,?,?,?,?)"
+_INSERT_MANY = _INSERT_ONE + ",(?,?,?,?,?,?)" * (ROWS_PER_INSERT - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,11 +206,17 @@ class Store:
         assert self._wconn is not None
         epoch = self.epoch
         conn = self._wconn
+        flat = [value for seq, ticker in rows for value in (epoch, seq, *ticker)]
+        # Many rows per statement: sqlite3 releases the GIL at every step, and on one
+        # core each release is a thread switch that the event loop pays for.
+        whole = len(flat) - len(flat) % (ROWS_PER_INSERT * 6)
         conn.execute("BEGIN")
         try:
-            conn.executemany(
-                "INSERT OR IGNORE INTO tickers (epoch, seq, symbol, price, currency, created_at) VALUES (?,?,?,?,?,?)",
-                ((epoch, seq, *ticker) for seq, ticker in rows))
+            if whole:
+                conn.executemany(_INSERT_MANY, (flat[i:i + ROWS_PER_INSERT * 6]
+                                                for i in range(0, whole, ROWS_PER_INSERT * 6)))
+            if whole < len(flat):
+                conn.executemany(_INSERT_ONE, (flat[i:i + 6] for i in range(whole, len(flat), 6)))
         except BaseException:
             conn.execute("ROLLBACK")
             raise
