@@ -1,9 +1,9 @@
 """Bulk ingest throughput: POST /tickers batches as fast as the server takes them.
 
 Starts a server (pinned to CPU 0 when taskset exists), sends BATCHES × 10,000 tickers
-over keep-alive connections from CPU 1, then waits until SQLite holds every one, and
-reports tickers per second accepted (into the hub) and persisted (into SQLite), and
-checks that nothing was lost.
+over keep-alive connections from CPU 1, then waits until SQLite holds every one. Reports
+tickers per second accepted (into the hub), written to SQLite while sending (the
+sustained rate), and overall until the last window is in SQLite; checks nothing was lost.
 
     python3 examples/bulk_ingest.py [--batches 50] [--conns 2]
 """
@@ -81,9 +81,12 @@ def main() -> int:
         threads = [threading.Thread(target=sender, args=(port, part, acked)) for part in per_conn]
         for t in threads:
             t.start()
+        time.sleep(2)  # past the first windows: from here on the writer runs steadily
+        steady_from, steady_rows = time.perf_counter(), rows_written(port)
         for t in threads:
             t.join()
         accepted_s = time.perf_counter() - started
+        steady = (rows_written(port) - steady_rows) / (time.perf_counter() - steady_from)
         total = sum(acked)
         while rows_written(port) < total:
             if time.perf_counter() - started > 300:
@@ -97,7 +100,8 @@ def main() -> int:
     stored = conn.execute("SELECT COUNT(*) FROM tickers").fetchone()[0]
     conn.close()
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{total} tickers: accepted at {total / accepted_s:,.0f}/s, in SQLite at {total / persisted_s:,.0f}/s; "
+    print(f"{total} tickers: accepted at {total / accepted_s:,.0f}/s, written to SQLite at {steady:,.0f}/s "
+          f"while sending, all in SQLite at {total / persisted_s:,.0f}/s (last window included); "
           f"stored {stored}, lost {total - stored}")
     return 0 if stored == total else 1
 

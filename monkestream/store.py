@@ -38,7 +38,7 @@ HISTORY_LIMIT_MAX = 10000
 REPLAY_LIMIT_EVENTS = 10000
 COMMENTS_LIMIT_MAX = 500
 PRUNE_CHUNK_ROWS = 10000
-ROWS_PER_INSERT = 100     # rows per INSERT statement (6 variables each; SQLite allows 32,766)
+ROWS_PER_INSERT = 100     # rows per INSERT statement: 600 variables, under even old SQLite's 999
 THREAD_NICE = 5           # the SQLite threads' niceness (the loop keeps the process's)
 
 SCHEMA = """
