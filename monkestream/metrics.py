@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
@@ -24,7 +25,11 @@ def render(app: App) -> str:
         kind = topic.name.partition(":")[0]
         by_kind[kind] = by_kind.get(kind, 0) + len(topic.fast) + len(topic.streams)
     out: list[str] = []
+    out += _family("monkestream_connections_open", "gauge", "Open client connections, streams included.",
+                   [("", len(server.connections))])
     out += _family("monkestream_streams_open", "gauge", "Open event streams.", [("", len(server.streams))])
+    out += _family("monkestream_tasks", "gauge", "asyncio tasks alive (a stream costs none).",
+                   [("", len(asyncio.all_tasks()))])
     out += _family("monkestream_stream_subscribers", "gauge", "Stream subscriptions per topic kind.",
                    [(f'{{kind="{k}"}}', v) for k, v in sorted(by_kind.items())])
     out += _family("monkestream_subscriptions_open", "gauge", "In-process pull subscriptions.",
