@@ -33,6 +33,7 @@ from .chat import Chat, parse_room, parse_user, room_topic
 from .config import Config
 from .hub import Event, Hub, Policy, Subscription
 from .http11 import chunk
+from .jsontext import dumps
 from .ops import buffer_time, pipe
 from .server import EventStream, Exchange, HTTPError, Response, Router, Server, json_response
 from .sse import EventId, encode_event
@@ -377,10 +378,8 @@ class App:
         events = hub.replay(topic, after)
         if events is not None:
             return [(e.id, e.frame) for e in events]
-        if not topic.startswith("ticker:") or after.seq > (hub.seq if after.epoch == hub.epoch else 2**63):
-            return None
-        if after.epoch > hub.epoch or not self.store.covers(after):
-            return None
+        if not topic.startswith("ticker:") or after > hub.last_id() or not self.store.covers(after):
+            return None  # not a ticker, an id from the future, or history SQLite does not hold
         stored = await self.store.replay(topic[len("ticker:"):], after)
         if stored is None:
             return None
@@ -414,7 +413,6 @@ class App:
 
 
 def _dumps_reset(topics: list[str], last_id: str) -> str:
-    from .jsontext import dumps
     return dumps({"topics": topics, "lastEventId": last_id,
                   "reason": "the events after this id are no longer held; refetch state"})
 

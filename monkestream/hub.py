@@ -89,7 +89,7 @@ class Topic:
     """One topic: its replay ring and its subscribers."""
 
     __slots__ = ("name", "conflate", "ring", "evicted_seq", "fast", "streams", "subs",
-                 "pending", "last_event", "last_publish")
+                 "pending", "last_publish")
 
     def __init__(self, name: str, conflate: bool, replay_events: int) -> None:
         self.name = name
@@ -100,7 +100,6 @@ class Topic:
         self.streams: set[Stream] = set()
         self.subs: set[Subscription] = set()
         self.pending: list[bytes] = []
-        self.last_event: Event | None = None
         self.last_publish = 0.0
 
     def empty(self) -> bool:
@@ -361,7 +360,6 @@ class Hub:
         if len(ring) == ring.maxlen:
             t.evicted_seq = ring[0].seq
         ring.append(event)
-        t.last_event = event
         t.last_publish = time.monotonic()
         if t.subs:
             overflowed = [sub for sub in t.subs if not sub._mailbox.offer(event)]
