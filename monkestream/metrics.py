@@ -27,6 +27,8 @@ def render(app: App) -> str:
     out: list[str] = []
     out += _family("monkestream_connections_open", "gauge", "Open client connections, streams included.",
                    [("", len(server.connections))])
+    out += _family("monkestream_connections_total", "counter", "Client connections accepted.",
+                   [("", server.connections_total)])
     out += _family("monkestream_streams_open", "gauge", "Open event streams.", [("", len(server.streams))])
     out += _family("monkestream_tasks", "gauge", "asyncio tasks alive (a stream costs none).",
                    [("", len(asyncio.all_tasks()))])

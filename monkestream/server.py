@@ -163,6 +163,7 @@ class Server:
         self.hub = hub
         self.router = router
         self.connections: set[Connection] = set()
+        self.connections_total = 0
         self.streams: set[Connection] = set()
         self.streams_by_client: dict[str, int] = {}
         self.requests_by_status: dict[int, int] = {}
@@ -339,6 +340,7 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if isinstance(peer, tuple) else str(peer or "local")
         self.server.connections.add(self)
+        self.server.connections_total += 1
         if not self.server.accepting:
             transport.abort()
             return

@@ -314,9 +314,33 @@ def test_stream_requests_dropped_at_once_leave_no_stream_behind(tmp_path):
         for _ in range(60):
             with socket.create_connection(("127.0.0.1", s.port)) as sock:
                 sock.sendall(b"GET /ticker/DROP/event HTTP/1.1\r\nHost: x\r\n\r\n")
-        wait_until(lambda: s.call(lambda: len(s.app.server.connections)) == 0)
+        # The listen backlog may still hold some: wait until all 60 were accepted and are gone.
+        wait_until(lambda: s.call(lambda: (s.app.server.connections_total, len(s.app.server.connections))) == (60, 0))
         with SSEClient(s.port, "/ticker/DROP/event") as client:
             assert client.status == 200  # not 429: the dropped ones do not count
+        wait_until(lambda: s.call(lambda: len(s.app.server.connections)) == 0)
+        assert s.call(lambda: (len(s.app.server.streams), s.app.server.streams_by_client)) == (0, {})
+
+
+def read_to_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    sock.settimeout(timeout)
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_half_closed_client_gets_its_answer_but_no_stream(tmp_path):
+    with AppThread(tmp_path / "half.db") as s:
+        with socket.create_connection(("127.0.0.1", s.port)) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            assert read_to_eof(sock).startswith(b"HTTP/1.1 200 ")
+        for path in (b"/ticker/HALF/event", b"/events?topic=room:half"):
+            with socket.create_connection(("127.0.0.1", s.port)) as sock:
+                sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.shutdown(socket.SHUT_WR)
+                read_to_eof(sock)  # closed by the server, not left open as a stream
         wait_until(lambda: s.call(lambda: len(s.app.server.connections)) == 0)
         assert s.call(lambda: (len(s.app.server.streams), s.app.server.streams_by_client)) == (0, {})
 

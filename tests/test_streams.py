@@ -335,6 +335,7 @@ def test_metrics(server):
     samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert samples["monkestream_streams_open"] == "1"
     assert int(samples["monkestream_connections_open"]) >= 2  # the stream's and the scrape's
+    assert int(samples["monkestream_connections_total"]) >= int(samples["monkestream_connections_open"]) + 2
     assert 0 < int(samples["monkestream_tasks"]) < 10  # the pipelines' few, none per stream
     assert samples['monkestream_stream_subscribers{kind="ticker"}'] == "1"
     assert samples["monkestream_events_published_total"] == "2"
