@@ -48,6 +48,7 @@ PRUNE_INTERVAL_S = 600           # how often history past --history-days is dele
 MAX_WRITE_LAG_S = 0.5            # beyond the flush interval, how far the writer may fall behind
 WRITE_RETRY_S = 1.0              # a window that failed to write is tried again after this
 HISTORY_DEFAULT_LIMIT = 500
+GC_YOUNG_OBJECTS = 20_000        # allocations between young collections (the default is 700)
 MAX_STREAM_TOPICS = 32
 TOPIC_KINDS = ("ticker", "room")
 _INTEGER = re.compile(r"-?[0-9]{1,19}")  # ASCII only; one optional sign
@@ -172,8 +173,11 @@ class App:
                 and time.monotonic() - unwritten[0][0] > self.config.flush_interval + MAX_WRITE_LAG_S):
             raise HTTPError(503, "the database is behind; retry shortly", [("Retry-After", "1")])
 
-    def ingest(self, tickers: list[Ticker]) -> list[Event]:
-        """Publish validated tickers, all or none; HTTPError when they cannot be taken now."""
+    def ingest(self, tickers: list[Ticker], texts: list[str] | None = None) -> list[Event]:
+        """Publish validated tickers, all or none; HTTPError when they cannot be taken now.
+
+        ``texts``, when given, are the tickers' JSON encodings (``Ticker.to_json``).
+        """
         self.check_capacity(len(tickers))
         now = time.monotonic()
         hub = self.hub
@@ -182,7 +186,9 @@ class App:
         if new_topics and len(hub.topics) + new_topics > self.config.max_topics:
             raise HTTPError(503, "too many symbols", [("Retry-After", "60")])
         publish = hub.publish
-        events = [publish(topics[t.symbol], "price_update", t, json_text=t.to_json()) for t in tickers]
+        if texts is None:
+            texts = [t.to_json() for t in tickers]
+        events = [publish(topics[t.symbol], "price_update", t, json_text=text) for t, text in zip(tickers, texts)]
         for ticker in {t.symbol: t for t in tickers}.values():  # the last of each symbol
             self.charts.note_latest(ticker)
         self.unpersisted += len(tickers)
@@ -250,8 +256,9 @@ class App:
                     raise InvalidTicker(f"[{i}].{exc.field}", str(exc).split(": ", 1)[1], exc.status) from None
         except InvalidTicker as exc:
             raise HTTPError(exc.status, str(exc)) from None
-        self.ingest(tickers)
-        return Response(201, ("[" + ",".join(t.to_json() for t in tickers) + "]").encode())
+        texts = [t.to_json() for t in tickers]
+        self.ingest(tickers, texts)
+        return Response(201, ("[" + ",".join(texts) + "]").encode())
 
     # -- reading ----------------------------------------------------------------------
 
@@ -485,8 +492,17 @@ def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
 
 
 def run(config: Config) -> None:
-    """Run ``serve`` on uvloop when it is installed, else on the default asyncio loop."""
+    """Run ``serve`` on uvloop when it is installed, else on the default asyncio loop.
+
+    This process is the server's own, so it also tunes the garbage collector for it
+    (embedders keep their own settings): every ticker waiting for its SQLite window
+    is a live container, and at 100,000 tickers/s the default thresholds made the
+    collector walk hundreds of thousands of them many times a second.
+    """
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    import gc
+    gc.freeze()  # what the imports made lives as long as the process: never scan it again
+    gc.set_threshold(GC_YOUNG_OBJECTS, *gc.get_threshold()[1:])
     try:
         import uvloop
     except ImportError:
