@@ -168,6 +168,12 @@ class _Mailbox(asyncio.Queue):
     def _get(self) -> Event:
         return self._queue.popleft()
 
+    def take_all(self) -> list[Event]:
+        """Every queued event at once, emptied in one step (nobody waits to put: offer never does)."""
+        items = list(self._queue)
+        self._queue.clear()
+        return items
+
     def offer(self, item: Event) -> bool:
         """Put without waiting, applying the policy; False means the subscriber must end."""
         queue = self._queue
@@ -194,6 +200,11 @@ class _ConflatingMailbox(_Mailbox):
 
     def _get(self) -> Event:
         return self._queue.pop(next(iter(self._queue)))
+
+    def take_all(self) -> list[Event]:
+        items = list(self._queue.values())
+        self._queue.clear()
+        return items
 
     def offer(self, item: Event) -> bool:
         queue = self._queue
@@ -267,9 +278,7 @@ class Subscription:
 
     def drain(self) -> list[Event]:
         """Every queued event at once (cheap batching for consumers like the store)."""
-        mailbox = self._mailbox
-        out = [mailbox.get_nowait() for _ in range(mailbox.qsize())]
-        return [event for event in out if not isinstance(event, _End)]
+        return [event for event in self._mailbox.take_all() if not isinstance(event, _End)]
 
     async def batches(self) -> AsyncIterator[list[Event]]:
         """Iterate lists of events: waits for one, then takes all that are queued."""
@@ -361,9 +370,12 @@ class Hub:
             t.evicted_seq = ring[0].seq
         ring.append(event)
         t.last_publish = time.monotonic()
-        if t.subs:
-            overflowed = [sub for sub in t.subs if not sub._mailbox.offer(event)]
-            for sub in overflowed:
+        overflowed = None
+        for sub in t.subs:
+            if not sub._mailbox.offer(event):
+                overflowed = [*(overflowed or ()), sub]
+        if overflowed:
+            for sub in overflowed:  # not while iterating: ending one changes t.subs
                 sub._overflow()
         if t.fast:
             if not t.pending:
