@@ -38,7 +38,7 @@ HISTORY_LIMIT_MAX = 10000
 REPLAY_LIMIT_EVENTS = 10000
 COMMENTS_LIMIT_MAX = 500
 PRUNE_CHUNK_ROWS = 10000
-ROWS_PER_INSERT = 100     # rows per INSERT statement: 600 variables, under even old SQLite's 999
+ROWS_PER_INSERT = 100     # rows per INSERT statement: 500 variables, under even old SQLite's 999
 THREAD_NICE = 5           # the SQLite threads' niceness (the loop keeps the process's)
 
 SCHEMA = """
@@ -74,8 +74,13 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
-_INSERT_ONE = "INSERT OR IGNORE INTO tickers (epoch, seq, symbol, price, currency, created_at) VALUES (?,?,?,?,?,?)"
-_INSERT_MANY = _INSERT_ONE + ",(?,?,?,?,?,?)" * (ROWS_PER_INSERT - 1)
+
+
+def _insert_statement(epoch: int, rows: int) -> str:
+    """INSERT of ``rows`` tickers of this run: the epoch is written in, a constant, not bound."""
+    values = f"({int(epoch)},?,?,?,?,?)"
+    return ("INSERT OR IGNORE INTO tickers (epoch, seq, symbol, price, currency, created_at) VALUES "
+            + ",".join([values] * rows))
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,19 +209,22 @@ class Store:
 
     def _append_sync(self, rows: Iterable[tuple[int, Ticker]]) -> None:
         assert self._wconn is not None
-        epoch = self.epoch
         conn = self._wconn
-        flat = [value for seq, ticker in rows for value in (epoch, seq, *ticker)]
+        flat: list[Any] = []
+        add = flat.extend
+        for seq, ticker in rows:
+            add((seq, *ticker))
         # Many rows per statement: sqlite3 releases the GIL at every step, and on one
         # core each release is a thread switch that the event loop pays for.
-        whole = len(flat) - len(flat) % (ROWS_PER_INSERT * 6)
+        step = ROWS_PER_INSERT * 5
+        whole = len(flat) - len(flat) % step
         conn.execute("BEGIN")
         try:
             if whole:
-                conn.executemany(_INSERT_MANY, (flat[i:i + ROWS_PER_INSERT * 6]
-                                                for i in range(0, whole, ROWS_PER_INSERT * 6)))
+                conn.executemany(_insert_statement(self.epoch, ROWS_PER_INSERT),
+                                 (flat[i:i + step] for i in range(0, whole, step)))
             if whole < len(flat):
-                conn.executemany(_INSERT_ONE, (flat[i:i + 6] for i in range(whole, len(flat), 6)))
+                conn.executemany(_insert_statement(self.epoch, 1), (flat[i:i + 5] for i in range(whole, len(flat), 5)))
         except BaseException:
             conn.execute("ROLLBACK")
             raise
