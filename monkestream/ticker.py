@@ -11,7 +11,8 @@ import json
 import re
 import time
 from decimal import Context, Decimal, InvalidOperation
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any, Callable, NamedTuple
 
 SYMBOL_RE = re.compile(r"[A-Za-z0-9._-]{1,20}")
 CURRENCY_RE = re.compile(r"[A-Za-z]{3,8}")
@@ -53,6 +54,11 @@ class Ticker(NamedTuple):
     def to_dict(self) -> dict[str, Any]:
         return {"symbol": self.symbol, "price": Decimal(self.price),
                 "currency": self.currency, "createdAt": self.created_at}
+
+
+# Ticker(...) runs a generated Python __new__; the tuple constructor gives the same
+# object at half the cost, which bulk ingest pays once per ticker.
+_new_ticker: Callable[[tuple[str, str, str, int]], Ticker] = partial(tuple.__new__, Ticker)  # type: ignore[assignment]
 
 
 def parse_symbol(text: str) -> str:
@@ -144,9 +150,8 @@ def parse_ticker(body: Any, symbol: str | None = None, now: float | None = None)
             raise InvalidTicker("symbol", "must be a string")
     if "price" not in body:
         raise InvalidTicker("price", "is required")
-    return Ticker(parse_symbol(symbol), parse_price(body["price"]),
-                  parse_currency(body.get("currency")),
-                  int(time.time() if now is None else now))
+    return _new_ticker((parse_symbol(symbol), parse_price(body["price"]),
+                        parse_currency(body.get("currency")), int(time.time() if now is None else now)))
 
 
 def _reject_constant(name: str) -> Any:
