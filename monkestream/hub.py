@@ -373,7 +373,9 @@ class Hub:
         overflowed = None
         for sub in t.subs:
             if not sub._mailbox.offer(event):
-                overflowed = [*(overflowed or ()), sub]
+                if overflowed is None:
+                    overflowed = []
+                overflowed.append(sub)
         if overflowed:
             for sub in overflowed:  # not while iterating: ending one changes t.subs
                 sub._overflow()

@@ -74,8 +74,6 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
-
-
 def _insert_statement(epoch: int, rows: int) -> str:
     """INSERT of ``rows`` tickers of this run: the epoch is written in, a constant, not bound."""
     values = f"({int(epoch)},?,?,?,?,?)"
