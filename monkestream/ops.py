@@ -454,6 +454,17 @@ async def _pump(it: AsyncIterator[T], machine: _Machine[T, Any]) -> None:
         await _aclose(it)
 
 
+def _machine_operator(
+    name: str, make: Callable[[Scheduler], _Machine[T, U]], scheduler: Scheduler | None
+) -> Operator[T, U]:
+    """An operator that runs a fresh ``make(clock)`` machine for each iteration, as task ``name``."""
+
+    def operator(source: AsyncIterable[T]) -> AsyncIterator[U]:
+        return _run(source, lambda: make(scheduler or default_scheduler()), name)
+
+    return operator
+
+
 async def _run(
     source: AsyncIterable[T], make_machine: Callable[[], _Machine[T, U]], name: str
 ) -> AsyncIterator[U]:
@@ -537,13 +548,8 @@ def buffer_time(
     if max_size is not None and max_size < 1:
         raise ValueError("max_size must be at least 1")
 
-    def make() -> _BufferTime[T]:
-        return _BufferTime(scheduler or default_scheduler(), seconds, max_size, emit_empty)
-
-    def _buffer_time(source: AsyncIterable[T]) -> AsyncIterator[list[T]]:
-        return _run(source, make, "monkestream.buffer_time")
-
-    return _buffer_time
+    return _machine_operator("monkestream.buffer_time",
+                             lambda clock: _BufferTime(clock, seconds, max_size, emit_empty), scheduler)
 
 
 # -- throttle_time ------------------------------------------------------------------
@@ -638,13 +644,8 @@ def throttle_time(
 
         return _throttle_leading
 
-    def make() -> _ThrottleTime[T]:
-        return _ThrottleTime(scheduler or default_scheduler(), seconds, leading)
-
-    def _throttle_time(source: AsyncIterable[T]) -> AsyncIterator[T]:
-        return _run(source, make, "monkestream.throttle_time")
-
-    return _throttle_time
+    return _machine_operator("monkestream.throttle_time",
+                             lambda clock: _ThrottleTime(clock, seconds, leading), scheduler)
 
 
 # -- debounce_time ------------------------------------------------------------------
@@ -698,13 +699,7 @@ def debounce_time(seconds: float, *, scheduler: Scheduler | None = None) -> Oper
     if seconds <= 0:
         raise ValueError("debounce_time needs a positive quiet time")
 
-    def make() -> _DebounceTime[T]:
-        return _DebounceTime(scheduler or default_scheduler(), seconds)
-
-    def _debounce_time(source: AsyncIterable[T]) -> AsyncIterator[T]:
-        return _run(source, make, "monkestream.debounce_time")
-
-    return _debounce_time
+    return _machine_operator("monkestream.debounce_time", lambda clock: _DebounceTime(clock, seconds), scheduler)
 
 
 # -- sample_time ----------------------------------------------------------------------
@@ -743,13 +738,7 @@ def sample_time(seconds: float, *, scheduler: Scheduler | None = None) -> Operat
     if seconds <= 0:
         raise ValueError("sample_time needs a positive period")
 
-    def make() -> _SampleTime[T]:
-        return _SampleTime(scheduler or default_scheduler(), seconds)
-
-    def _sample_time(source: AsyncIterable[T]) -> AsyncIterator[T]:
-        return _run(source, make, "monkestream.sample_time")
-
-    return _sample_time
+    return _machine_operator("monkestream.sample_time", lambda clock: _SampleTime(clock, seconds), scheduler)
 
 
 # -- group_by ------------------------------------------------------------------------
