@@ -179,19 +179,7 @@ class Cold:
             span[1] = scheduler.now()
 
 
-def cold(
-    diagram: str,
-    *,
-    scheduler: VirtualScheduler,
-    tick: float = TICK_S,
-    values: Mapping[str, Any] | None = None,
-    error: BaseException = ERROR,
-    origin: float | None = None,
-) -> Cold:
-    """Return a cold source playing ``diagram`` on ``scheduler``."""
-    return Cold(
-        diagram, scheduler=scheduler, tick=tick, values=values, error=error, origin=origin
-    )
+cold = Cold  # the RxJS spelling: cold("-a-b|", scheduler=...)
 
 
 @dataclass
