@@ -33,10 +33,9 @@ from .chat import Chat, parse_room, parse_user, room_topic
 from .config import Config
 from .hub import Event, Hub, Policy, Subscription
 from .http11 import chunk
-from .jsontext import dumps
 from .ops import buffer_time, pipe
+from .replay import Replayer
 from .server import EventStream, Exchange, HTTPError, Response, Router, Server, json_response
-from .sse import EventId, encode_event
 from .static import StaticFiles
 from .store import Store
 from .ticker import MAX_BULK_TICKERS, InvalidTicker, Ticker, loads, parse_symbol, parse_ticker
@@ -67,6 +66,8 @@ class App:
         self.hub = Hub(epoch=0, replay_events=config.replay_events,
                        conflate=lambda topic: topic.startswith("ticker:"), wire_framing=chunk)
         self.charts = ChartCache(max_symbols=config.max_topics)
+        self.replayer = Replayer(self.hub, self.store, budget_bytes=config.stream_buffer,
+                                 stored_symbol=lambda topic: topic.removeprefix("ticker:") if topic.startswith("ticker:") else None)
         self.router = Router()
         self.server = Server(config, self.hub, self.router)
         self.started_at = time.time()
@@ -346,59 +347,10 @@ class App:
         new = [t for t in topics if t not in self.hub.topics]
         if new and len(self.hub.topics) + len(new) > self.config.max_topics:
             raise HTTPError(503, "too many topics", [("Retry-After", "60")])
-
         # A new stream starts where the hub stands now, as the response head goes
         # out: whatever is published before it is attached is replayed to it.
-        start = str(self.hub.last_id())
-
-        async def prepare() -> list[bytes]:
-            return await self.backlog(topics, last_id or start)
-        return EventStream(topics, prepare)
-
-    async def backlog(self, topics: list[str], last_id: str | None) -> list[bytes]:
-        """The frames a stream starts with: replay after ``last_id`` or reset notices, then its position.
-
-        The final ``id:``-only frame tells the client where it stands, so a
-        stream dropped before its first event still resumes without a gap.
-        """
-        frames: list[bytes] = []
-        if last_id is not None and last_id != "":
-            after = EventId.parse(last_id)
-            replayed: list[tuple[EventId, bytes]] = []
-            reset: list[str] = []
-            for topic in topics:
-                got = await self._replay(topic, after) if after is not None else None
-                if got is None:
-                    reset.append(topic)
-                else:
-                    replayed.extend(got)
-            if reset:
-                frames.append(encode_event("reset", _dumps_reset(reset, last_id)))
-            replayed.sort(key=lambda pair: pair[0])
-            frames.extend(frame for _id, frame in replayed)
-        frames.append(b"id: %s\n\n" % str(self.hub.last_id()).encode())
-        return frames
-
-    async def _replay(self, topic: str, after: EventId) -> list[tuple[EventId, bytes]] | None:
-        """Events of ``topic`` after ``after`` from the ring, else SQLite + ring; None: cannot cover."""
-        hub = self.hub
-        events = hub.replay(topic, after)
-        if events is not None:
-            return [(e.id, e.frame) for e in events]
-        if not topic.startswith("ticker:") or after > hub.last_id() or not self.store.covers(after):
-            return None  # not a ticker, an id from the future, or history SQLite does not hold
-        stored = await self.store.replay(topic[len("ticker:"):], after)
-        if stored is None:
-            return None
-        # after the await: the ring must hold everything of this run not in ``stored``
-        from_store = [(s.id, encode_event("price_update", s.ticker.to_json(), str(s.id))) for s in stored]
-        mark = max((s.id for s in stored if s.id.epoch == hub.epoch), default=EventId(hub.epoch, 0))
-        if after.epoch == hub.epoch:
-            mark = max(mark, after)
-        tail = hub.replay(topic, mark)
-        if tail is None:
-            return None
-        return from_store + [(e.id, e.frame) for e in tail]
+        position = last_id or str(self.hub.last_id())
+        return EventStream(topics, lambda: self.replayer.prepare(topics, position))
 
     # -- routes -------------------------------------------------------------------------
 
@@ -417,11 +369,6 @@ class App:
         add("GET", "/ticker/{symbol}/chart", self.get_chart)
         add("GET", "/events", self.multiplexed_events)
         add("GET", "/metrics", self.get_metrics)
-
-
-def _dumps_reset(topics: list[str], last_id: str) -> str:
-    return dumps({"topics": topics, "lastEventId": last_id,
-                  "reason": "the events after this id are no longer held; refetch state"})
 
 
 def _symbol(ex: Exchange) -> str:

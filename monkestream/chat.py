@@ -20,10 +20,11 @@ import hmac
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .jsontext import dumps
 from .ratelimit import RateLimiter
+from .hub import Backlog
 from .server import EventStream, Exchange, HTTPError, Response, json_response
 from .sse import encode_event
 from .ticker import InvalidTicker, loads
@@ -108,6 +109,7 @@ class Chat:
 
     def __init__(self, app: App) -> None:
         self.app = app
+        self.hub = app.hub
         self.presence = Presence()
         self.limiter = RateLimiter(app.config.comment_rate, app.config.comment_burst)
         self.comments_posted = 0
@@ -126,20 +128,26 @@ class Chat:
         if user is None or not rooms:
             return base
         inner = base.prepare
-        hub = self.app.hub
+        hub = self.hub
         joined = False
 
-        async def prepare() -> list[bytes]:
-            nonlocal joined
-            frames = await inner() if inner is not None else []
-            frames.pop()  # the id-only position frame: re-sent last, after the joins below
-            for room in rooms:
-                if self.presence.join(room, user):
-                    hub.publish(room_topic(room), "user_joined", {"room": room, "user": user})
-                frames.append(encode_event("members", dumps({"room": room, "users": self.presence.members(room)})))
-            joined = True
-            frames.append(b"id: %s\n\n" % str(hub.last_id()).encode())
-            return frames
+        async def prepare() -> Callable[[], Backlog]:
+            build = await inner() if inner is not None else None
+
+            def start() -> Backlog:
+                nonlocal joined
+                backlog = build() if build is not None else Backlog([])
+                if not backlog.complete:
+                    return backlog  # closed at once: it never joins
+                frames = list(backlog.frames)
+                for room in rooms:  # the newest events: after the backlog, before the position
+                    if self.presence.join(room, user):
+                        frames.append(hub.publish(room_topic(room), "user_joined", {"room": room, "user": user}).frame)
+                joined = True
+                for room in rooms:
+                    frames.append(encode_event("members", dumps({"room": room, "users": self.presence.members(room)})))
+                return Backlog(frames)
+            return start
 
         def on_close() -> None:
             if base.on_close is not None:

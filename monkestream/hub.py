@@ -2,47 +2,63 @@
 
 Theory of operation
 -------------------
-Rule 1: ``publish()`` never awaits and never raises because of a subscriber. It
-        serializes the event once (``Event.frame``), numbers it, keeps it in the
-        topic's replay ring, hands it to pull subscribers' queues with
-        ``put_nowait`` and queues it for push streams; a flush scheduled with
-        ``call_soon`` then writes everything published in this loop iteration.
-Rule 2: a push stream receives one write per flush, not one per event: the
-        frames of one topic are joined and framed once, and the same bytes go
-        to every stream of that topic that is keeping up (the fast path).
-        Streams on several topics, paused streams and streams that frame their
-        own bytes get their frames in publish order through their own
-        ``pending`` list, so ids always reach a client in ascending order.
-Rule 3: memory is bounded whatever a subscriber does. A pull subscriber's queue
-        has a size and an overflow policy. A push stream whose transport is
-        paused (its peer reads too slowly) gets, for a conflating topic, only
-        the latest event once it drains; for a lossless topic it keeps being
-        written until its buffer passes its cap, and is then closed with
+Rule 1: ``publish()`` never awaits and never raises because of a subscriber.
+        It encodes the event once (``Event.frame``, by ``sse.encode_event``)
+        before taking its id, so an event that cannot be encoded burns no id;
+        then it keeps the event in the topic's replay ring, hands it to pull
+        subscribers' queues with ``put_nowait`` and queues it for push streams.
+        A flush scheduled with ``call_soon`` writes everything published in
+        this loop iteration.
+Rule 2: the delivery rule. A push stream has a position: the id of the last
+        event it was given (at first, the end of its backlog). It receives
+        every event of its topics published after its position exactly once,
+        in ascending id order. The one exception is conflation: while its
+        transport is paused, a conflating topic's events may be replaced by a
+        newer one of the same topic, never reordered and never repeated.
+Rule 3: the rule is kept in one place. Every change to a stream (open,
+        pause, resume) first flushes what is pending (``_settle``), so it
+        happens at a moment when every attached stream has been given every
+        event published; a change a transport asks for while the hub is
+        writing (``pause_writing`` inside a write) waits until that write ends.
+        A stream opens with its backlog built in the same step as it is
+        attached (``open_stream(stream, start)`` calls ``start``), so nothing
+        can be published between the backlog's end and its position.
+Rule 4: a push stream receives one write per flush, not one per event. Streams
+        on the same set of topics that are keeping up share a ``Fanout``: its
+        frames are joined and framed once and the same bytes go to each of them.
+        Paused streams and streams that frame their own bytes get their events
+        through their own ``pending`` list.
+Rule 5: memory is bounded whatever a subscriber does. A pull subscriber's queue
+        has a size and an overflow policy. A paused push stream keeps, for each
+        conflating topic, only the latest event it missed; lossless events are
+        written at each flush (with the conflated events older than them, in
+        id order) until its buffer passes its cap, and it is then closed with
         ``CloseReason.SLOW`` so that it resumes with its Last-Event-ID.
-Rule 4: ids are ``EPOCH-SEQ`` (see ``sse.EventId``). ``seq`` counts every event
-        of the hub, so ids order events across topics; the epoch is fixed for
-        the hub's life and the caller makes it grow from run to run.
-Rule 5: the hub owns no task. Embedders may use it from any asyncio program;
-        only the flush callback and the queues touch the running loop.
+Rule 6: ids are ``EPOCH-SEQ`` (``sse.EventId``) and only grow. The hub numbers
+        events itself (``seq`` counts every event, so ids order events across
+        topics) or carries ids assigned elsewhere (``publish(..., event_id=)``),
+        which must be greater than the last.
+Rule 7: the hub owns no task. Embedders may use it from any asyncio program;
+        only the flush callback and the queues touch the running loop, and the
+        time it records comes from its ``Scheduler``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import json
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Callable, Iterable, Protocol
+from typing import Any, AsyncIterator, Callable, Iterable, NamedTuple, Protocol
 
-from .sse import EventId, encode_event
+from .clock import AsyncioScheduler, Scheduler
+from .jsontext import dumps
+from .sse import EventId, encode_event, encode_position
 
 REPLAY_EVENTS = 256           # per topic, the events kept for Last-Event-ID resume
 SUBSCRIPTION_QUEUE_EVENTS = 1024
 STREAM_BUFFER_BYTES = 256 * 1024
 BIG_BATCH_BYTES = 16 * 1024     # a flush larger than this checks each stream's buffer first
-
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class CloseReason(enum.Enum):
@@ -53,7 +69,7 @@ class CloseReason(enum.Enum):
     PEER_GONE = "peer_gone"    # the write buffer did not drain for too long
     MAX_AGE = "max_age"        # the stream reached its maximum age
     SHUTDOWN = "shutdown"      # the server is stopping
-    OVERFLOW = "overflow"      # a pull subscription's queue overflowed
+    CATCH_UP = "catch_up"      # its backlog passed the budget: sent in parts, the client resumes for the rest
 
 
 class Policy(enum.Enum):
@@ -85,25 +101,40 @@ class Event:
         return f"Event({self.topic!r}, {self.name!r}, id={self.id})"
 
 
+def _in_id_order(events: Iterable[Event]) -> list[Event]:
+    return sorted(events, key=lambda e: (e.epoch, e.seq))
+
+
+class Backlog(NamedTuple):
+    """What a stream is sent before it goes live: replayed events, notices, its member lists.
+
+    ``complete`` False means more is owed than its budget allows: the stream
+    gets these frames and is closed (``CloseReason.CATCH_UP``), and its client
+    resumes from the last id they carry.
+    """
+
+    frames: list[bytes]
+    complete: bool = True
+
+
 class Topic:
     """One topic: its replay ring and its subscribers."""
 
-    __slots__ = ("name", "conflate", "ring", "evicted_seq", "fast", "streams", "subs",
-                 "pending", "last_publish")
+    __slots__ = ("name", "conflate", "ring", "covered_after", "fanouts", "streams", "subs", "last_publish")
 
     def __init__(self, name: str, conflate: bool, replay_events: int) -> None:
         self.name = name
         self.conflate = conflate
         self.ring: deque[Event] = deque(maxlen=replay_events)
-        self.evicted_seq = 0  # seq of the newest event that fell out of the ring
-        self.fast: dict[Stream, Callable[[bytes], object]] = {}
+        # the ring holds every event of the topic after this id (None: since the hub's origin)
+        self.covered_after: EventId | None = None
+        self.fanouts: list[Fanout] = []
         self.streams: set[Stream] = set()
         self.subs: set[Subscription] = set()
-        self.pending: list[bytes] = []
-        self.last_publish = 0.0
+        self.last_publish = float("-inf")
 
     def empty(self) -> bool:
-        return not (self.fast or self.streams or self.subs)
+        return not (self.fanouts or self.streams or self.subs)
 
 
 class Sink(Protocol):
@@ -123,26 +154,40 @@ class Stream:
     """A push subscriber: the server's side of one open event stream.
 
     ``send_framed``, when given, takes bytes already framed by the hub's
-    ``wire_framing`` (the fast path, only for single-topic streams).
+    ``wire_framing``; such a stream shares its topics' ``Fanout`` while it
+    keeps up.
     """
 
     __slots__ = ("topics", "sink", "send_framed", "cap_bytes", "paused", "paused_at",
-                 "pending", "dirty", "missed", "closed")
+                 "pending", "dirty", "missed", "closed", "fanout")
 
     def __init__(self, topics: Iterable[str], sink: Sink, *,
                  send_framed: Callable[[bytes], object] | None = None,
                  cap_bytes: int = STREAM_BUFFER_BYTES) -> None:
         self.topics = tuple(dict.fromkeys(topics))
         self.sink = sink
-        self.send_framed = send_framed if len(self.topics) == 1 else None
+        self.send_framed = send_framed
         self.cap_bytes = cap_bytes
         self.paused = False
         self.paused_at = 0.0
-        self.pending: list[bytes] = []
+        self.pending: list[Event] = []
         self.dirty = False
-        # while paused: topic -> (events skipped, the latest), for conflating topics
-        self.missed: dict[str, tuple[int, Event]] | None = None
+        # while paused: conflating topic -> (events missed, the latest)
+        self.missed: dict[str, tuple[int, Event]] = {}
         self.closed = False
+        self.fanout: Fanout | None = None
+
+
+class Fanout:
+    """The streams on one set of topics that keep up: one framed buffer per flush for all of them."""
+
+    __slots__ = ("key", "writers", "pending", "conflating")
+
+    def __init__(self, key: tuple[str, ...], conflating: frozenset[str]) -> None:
+        self.key = key
+        self.writers: dict[Stream, Callable[[bytes], object]] = {}
+        self.pending: list[Event] = []
+        self.conflating = conflating  # the key's topics that conflate
 
 
 class _Mailbox(asyncio.Queue):
@@ -307,17 +352,24 @@ class Hub:
 
     def __init__(self, *, epoch: int | None = None, replay_events: int = REPLAY_EVENTS,
                  conflate: Callable[[str], bool] = lambda topic: False,
-                 wire_framing: Callable[[bytes], bytes] = lambda payload: payload) -> None:
+                 wire_framing: Callable[[bytes], bytes] = lambda payload: payload,
+                 scheduler: Scheduler | None = None) -> None:
         self.epoch = epoch if epoch is not None else time.time_ns() // 1_000_000
         self.seq = 0
+        # the hub holds every event after this id (None: after EPOCH-0, the start of its own numbering)
+        self.origin: EventId | None = None
         self.replay_events = replay_events
+        self.scheduler: Scheduler = scheduler if scheduler is not None else AsyncioScheduler()
         self._conflate = conflate
         self._framing = wire_framing
         self.topics: dict[str, Topic] = {}
+        self._fanouts: dict[tuple[str, ...], Fanout] = {}
         self._wildcards: dict[str, set[Subscription]] = {}
-        self._dirty_topics: list[Topic] = []
+        self._dirty_fanouts: list[Fanout] = []
         self._dirty_streams: list[Stream] = []
         self._flush_scheduled = False
+        self._writing = False
+        self._deferred: list[tuple[Stream, bool]] = []  # (stream, pause?) asked for while writing
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stream_count = 0
         self.subscription_count = 0
@@ -339,7 +391,7 @@ class Hub:
         return topic
 
     def _forget_if_unused(self, topic: Topic) -> None:
-        if topic.empty() and not topic.ring and not topic.pending:
+        if topic.empty() and not topic.ring:
             self.topics.pop(topic.name, None)
 
     def last_id(self) -> EventId:
@@ -348,18 +400,24 @@ class Hub:
 
     # -- publishing -----------------------------------------------------------
 
-    def publish(self, topic: str, name: str, data: Any, *, json_text: str | None = None) -> Event:
+    def publish(self, topic: str, name: str, data: Any, *, json_text: str | None = None,
+                event_id: EventId | None = None) -> Event:
         """Publish one event to a topic; returns it with its id. Never awaits.
 
         ``data`` is JSON-encoded once, unless ``json_text`` gives its encoding.
+        ``event_id``, when given, is the id assigned elsewhere (it must be
+        greater than the last); otherwise the hub numbers the event.
         """
-        self.seq = seq = self.seq + 1
-        text = json_text if json_text is not None else _dumps(data)
-        if "\n" in text or "\r" in text or "\n" in name or "\r" in name:
-            frame = encode_event(name, text, f"{self.epoch}-{seq}")
-        else:  # the common case, the same bytes encode_event would give
-            frame = f"id: {self.epoch}-{seq}\nevent: {name}\ndata: {text}\n\n".encode()
-        event = Event(topic, name, data, self.epoch, seq, frame)
+        text = json_text if json_text is not None else dumps(data)
+        if event_id is None:
+            epoch, seq = self.epoch, self.seq + 1
+        else:
+            epoch, seq = event_id
+            if (epoch, seq) <= (self.epoch, self.seq):
+                raise ValueError(f"event id {event_id} is not after {self.last_id()}")
+        frame = encode_event(name, text, f"{epoch}-{seq}")  # may raise: no id is taken before it
+        self.epoch, self.seq = epoch, seq
+        event = Event(topic, name, data, epoch, seq, frame)
         self._fan_out(self.topics.get(topic) or self.topic(topic), event)
         return event
 
@@ -367,9 +425,9 @@ class Hub:
         self.published += 1
         ring = t.ring
         if len(ring) == ring.maxlen:
-            t.evicted_seq = ring[0].seq
+            t.covered_after = ring[0].id
         ring.append(event)
-        t.last_publish = time.monotonic()
+        t.last_publish = self.scheduler.now()
         overflowed = None
         for sub in t.subs:
             if not sub._mailbox.offer(event):
@@ -379,142 +437,234 @@ class Hub:
         if overflowed:
             for sub in overflowed:  # not while iterating: ending one changes t.subs
                 sub._overflow()
-        if t.fast:
-            if not t.pending:
-                self._dirty_topics.append(t)
-            t.pending.append(event.frame)
+        for fanout in t.fanouts:
+            if not fanout.pending:
+                self._dirty_fanouts.append(fanout)
+            fanout.pending.append(event)
         for stream in t.streams:
             if stream.paused and t.conflate:
-                missed = stream.missed
-                if missed is None:
-                    missed = stream.missed = {}
-                skipped = missed[t.name][0] if t.name in missed else 0
-                missed[t.name] = (skipped + 1, event)
+                held = stream.missed.get(t.name)
+                stream.missed[t.name] = (held[0] + 1 if held else 1, event)
                 continue
-            stream.pending.append(event.frame)
+            stream.pending.append(event)
             if not stream.dirty:
                 stream.dirty = True
                 self._dirty_streams.append(stream)
-        if not self._flush_scheduled and (self._dirty_topics or self._dirty_streams):
+        if not self._flush_scheduled and (self._dirty_fanouts or self._dirty_streams):
             self._flush_scheduled = True
             loop = self._loop
             if loop is None or loop.is_closed():
                 loop = self._loop = asyncio.get_running_loop()
             loop.call_soon(self.flush)
 
+    # -- writing --------------------------------------------------------------
+
     def flush(self) -> None:
         """Write everything published since the last flush to the push streams."""
+        if self._writing:
+            return  # called from inside a write: the flush running now writes it all
         self._flush_scheduled = False
-        topics, self._dirty_topics = self._dirty_topics, []
-        for t in topics:
-            frames = t.pending
-            t.pending = []
-            if not t.fast:
-                continue
-            payload = frames[0] if len(frames) == 1 else b"".join(frames)
-            framed = self._framing(payload)
-            if len(framed) > BIG_BATCH_BYTES:
-                self._flush_big(t, frames, framed)
-                continue
-            for write in tuple(t.fast.values()):
-                write(framed)
-            self.delivered += len(frames) * len(t.fast)
-        streams, self._dirty_streams = self._dirty_streams, []
-        for stream in streams:
-            stream.dirty = False
-            if stream.closed:
-                continue
-            frames = stream.pending
-            stream.pending = []
-            stream.sink.send(frames[0] if len(frames) == 1 else b"".join(frames))
-            self.delivered += len(frames)
-            if stream.paused and stream.sink.buffered() > stream.cap_bytes:
-                self.close_stream(stream, CloseReason.SLOW)
+        self._writing = True
+        try:
+            while self._dirty_fanouts or self._dirty_streams:  # a close may publish (presence)
+                fanouts, self._dirty_fanouts = self._dirty_fanouts, []
+                for fanout in fanouts:
+                    self._flush_fanout(fanout)
+                streams, self._dirty_streams = self._dirty_streams, []
+                for stream in streams:
+                    self._flush_stream(stream)
+        finally:
+            self._writing = False
+        while self._deferred:
+            stream, pause = self._deferred.pop(0)
+            if pause:
+                self.pause(stream)
+            else:
+                self.resume(stream)
 
-    def _flush_big(self, t: Topic, frames: list[bytes], framed: bytes) -> None:
+    def _settle(self) -> None:
+        """Rule 3: before a stream changes, every attached stream is given what is pending."""
+        if self._dirty_fanouts or self._dirty_streams:
+            self.flush()
+
+    def _flush_fanout(self, fanout: Fanout) -> None:
+        events = fanout.pending
+        fanout.pending = []
+        if not fanout.writers:
+            return
+        payload = events[0].frame if len(events) == 1 else b"".join([e.frame for e in events])
+        framed = self._framing(payload)
+        if len(framed) > BIG_BATCH_BYTES:
+            self._flush_big(fanout, events, framed)
+            return
+        for stream, write in tuple(fanout.writers.items()):
+            if not stream.closed:
+                write(framed)
+                self.delivered += len(events)
+
+    def _flush_big(self, fanout: Fanout, events: list[Event], framed: bytes) -> None:
         """A large batch goes whole only to streams that are keeping up (nothing unsent).
 
-        A stream already behind gets, on a conflating topic, only the batch's
-        last event; on a lossless one the batch, and is closed if that passes
-        its cap. So a stream's buffer never exceeds its cap plus one batch.
+        A stream already behind gets the batch conflated: the latest event of
+        each conflating topic, every event of the others. If that still holds
+        lossless events it is closed after them, so a stream's buffer never
+        exceeds its cap plus one batch.
         """
-        last = None
-        for stream, write in tuple(t.fast.items()):
+        reduced: list[Event] | None = None
+        reduced_framed = b""
+        lossless = False
+        for stream, write in tuple(fanout.writers.items()):
+            if stream.closed:
+                continue
             buffered = stream.sink.buffered()
             if buffered == 0 or buffered + len(framed) <= stream.cap_bytes:
                 write(framed)
-                self.delivered += len(frames)
-            elif t.conflate:
-                last = last or self._framing(frames[-1])
-                write(last)
-                self.delivered += 1
-                self.conflated += len(frames) - 1
-            else:
-                write(framed)
-                self.delivered += len(frames)
+                self.delivered += len(events)
+                continue
+            if reduced is None:
+                reduced, lossless = _conflate(events, fanout.conflating)
+                reduced_framed = self._framing(b"".join([e.frame for e in reduced]))
+            write(reduced_framed)
+            self.delivered += len(reduced)
+            self.conflated += len(events) - len(reduced)
+            if lossless:
                 self.close_stream(stream, CloseReason.SLOW)
+
+    def _flush_stream(self, stream: Stream) -> None:
+        stream.dirty = False
+        if stream.closed:
+            return
+        events = stream.pending
+        stream.pending = []
+        if stream.missed:  # paused: what it holds of conflating topics goes out with these, in id order
+            events = _in_id_order([*events, *self._take_missed(stream)])
+        stream.sink.send(events[0].frame if len(events) == 1 else b"".join([e.frame for e in events]))
+        self.delivered += len(events)
+        if stream.paused and stream.sink.buffered() > stream.cap_bytes:
+            self.close_stream(stream, CloseReason.SLOW)
+
+    def _take_missed(self, stream: Stream) -> list[Event]:
+        held = stream.missed
+        stream.missed = {}
+        for skipped, _event in held.values():
+            self.conflated += skipped - 1
+        return [event for _skipped, event in held.values()]
 
     # -- push streams (the server's) -----------------------------------------
 
-    def open_stream(self, stream: Stream, backlog: Iterable[Event] = ()) -> None:
-        """Attach a push stream; ``backlog`` (replayed events) is written first."""
-        frames = [event.frame for event in backlog]
-        if frames:
-            stream.sink.send(b"".join(frames))
+    def open_stream(self, stream: Stream, start: Callable[[], Backlog] | None = None) -> bool:
+        """Attach a push stream after its backlog (Rule 3); False if it was closed instead.
+
+        ``start`` builds the backlog; it is called here, in the step that
+        attaches the stream, and may publish (a chat join). The stream's
+        position is the hub's last id once ``start`` has run, and its first
+        write ends with an ``id:`` frame saying so. A partial backlog
+        (``complete`` False) is sent and the stream closed with ``CATCH_UP``.
+        """
+        if self._writing:
+            raise RuntimeError("open_stream() called from inside a write")
+        backlog = start() if start is not None else Backlog([])
+        self._settle()
         self.stream_count += 1
-        self._place(stream)
+        if not backlog.complete:
+            stream.sink.send(b"".join(backlog.frames))
+            self.close_stream(stream, CloseReason.CATCH_UP)
+            return False
+        self._place(stream)  # before the write: a pause it causes finds the stream attached
+        stream.sink.send(b"".join([*backlog.frames, encode_position(str(self.last_id()))]))
+        return True
 
     def _place(self, stream: Stream) -> None:
+        if stream.send_framed is not None and not stream.paused:
+            key = tuple(sorted(stream.topics))
+            fanout = self._fanouts.get(key)
+            if fanout is None:
+                fanout = self._fanouts[key] = Fanout(key, frozenset(t for t in key if self.topic(t).conflate))
+                for name in key:
+                    self.topic(name).fanouts.append(fanout)
+            fanout.writers[stream] = stream.send_framed
+            stream.fanout = fanout
+            return
         for name in stream.topics:
-            t = self.topic(name)
-            if stream.send_framed is not None and not stream.paused:
-                t.fast[stream] = stream.send_framed
-            else:
-                t.streams.add(stream)
+            self.topic(name).streams.add(stream)
 
     def _unplace(self, stream: Stream) -> None:
+        fanout = stream.fanout
+        if fanout is not None:
+            stream.fanout = None
+            del fanout.writers[stream]
+            if fanout.writers:
+                return
+            del self._fanouts[fanout.key]
+            for name in fanout.key:
+                t = self.topics[name]
+                t.fanouts.remove(fanout)
+                self._forget_if_unused(t)
+            return
         for name in stream.topics:
             t = self.topics.get(name)
             if t is not None:
-                t.fast.pop(stream, None)
                 t.streams.discard(stream)
                 self._forget_if_unused(t)
 
     def close_stream(self, stream: Stream, reason: CloseReason = CloseReason.CLIENT) -> None:
-        """Detach a push stream at once (idempotent); counts the reason, calls ``stream.close``."""
+        """Detach a push stream at once (idempotent); counts the reason, tells its sink.
+
+        What was pending for it is dropped: its client resumes after the last
+        id it received.
+        """
         if stream.closed:
             return
         stream.closed = True
         self._unplace(stream)
         stream.pending = []
-        stream.missed = None
+        stream.missed = {}
         self.stream_count -= 1
         self.closed_by_reason[reason] += 1
         stream.sink.hub_closed(reason)
 
     def pause(self, stream: Stream) -> None:
-        """The stream's transport is full: stop writing conflating topics to it."""
+        """The stream's transport is full: hold its conflating topics' events (Rule 5)."""
         if stream.closed or stream.paused:
             return
+        if self._writing:
+            self._deferred.append((stream, True))
+            return
+        self._settle()
         self._unplace(stream)
         stream.paused = True
-        stream.paused_at = time.monotonic()
+        stream.paused_at = self.scheduler.now()
         self._place(stream)
 
     def resume(self, stream: Stream) -> None:
         """The stream drained: send the latest event of each topic it missed, then go on live."""
         if stream.closed or not stream.paused:
             return
-        missed = sorted((stream.missed or {}).values(), key=lambda pair: pair[1].seq)
-        stream.missed = None
-        if missed:
-            for skipped, _event in missed:
-                self.conflated += skipped - 1
-            self.delivered += len(missed)
-            stream.sink.send(b"".join(event.frame for _skipped, event in missed))
+        if self._writing:
+            self._deferred.append((stream, False))
+            return
+        self._settle()
+        missed = _in_id_order(self._take_missed(stream))
         self._unplace(stream)
         stream.paused = False
         self._place(stream)
+        if missed:  # the last step: a pause this write causes finds the stream live
+            self.delivered += len(missed)
+            stream.sink.send(b"".join([e.frame for e in missed]))
+
+    def streams(self) -> list[Stream]:
+        """Every attached push stream."""
+        found: dict[Stream, None] = {}
+        for t in self.topics.values():
+            for fanout in t.fanouts:
+                found.update(dict.fromkeys(fanout.writers))
+            found.update(dict.fromkeys(t.streams))
+        return list(found)
+
+    def close_all_streams(self, reason: CloseReason = CloseReason.SHUTDOWN) -> None:
+        """End every push stream (shutdown); pull subscriptions stay until closed by their owners."""
+        for stream in self.streams():
+            self.close_stream(stream, reason)
 
     # -- pull subscriptions (embedders, the store, the charts) ----------------
 
@@ -566,26 +716,28 @@ class Hub:
     def replay(self, topic: str, after: EventId) -> list[Event] | None:
         """Events of ``topic`` published after ``after``, or None if the ring cannot tell.
 
-        None means: the id is from another run, from the future, or older than
-        what the ring still holds, so the caller must find another source or
-        tell the client to reset.
+        None means: the id is from the future, from before what the hub holds
+        (another run), or older than what the ring still holds, so the caller
+        must find another source or tell the client to reset.
         """
-        if after.epoch != self.epoch or after.seq > self.seq:
+        if after > self.last_id():
             return None
         t = self.topics.get(topic)
+        covered = t.covered_after if t is not None and t.covered_after is not None else self.origin
+        if after < (covered if covered is not None else EventId(self.epoch, 0)):
+            return None
         if t is None:
             return []
-        if after.seq < t.evicted_seq:
-            return None
-        return [event for event in t.ring if event.seq > after.seq]
-
-    def close_all_streams(self, reason: CloseReason = CloseReason.SHUTDOWN) -> None:
-        """End every push stream (shutdown); pull subscriptions stay until closed by their owners."""
-        for t in list(self.topics.values()):
-            for stream in list(t.fast) + list(t.streams):
-                self.close_stream(stream, reason)
+        return [event for event in t.ring if (event.epoch, event.seq) > after]
 
     def is_idle(self) -> bool:
         """True when no stream or subscription is attached (tests use it to find leaks)."""
         return (self.stream_count == 0 and self.subscription_count == 0 and not self._wildcards
-                and all(t.empty() for t in self.topics.values()))
+                and not self._fanouts and all(t.empty() for t in self.topics.values()))
+
+
+def _conflate(events: list[Event], conflating: frozenset[str]) -> tuple[list[Event], bool]:
+    """The latest event of each conflating topic and every other event, in order; and whether any is lossless."""
+    latest = {e.topic: e for e in events if e.topic in conflating}
+    kept = [e for e in events if e.topic not in conflating or latest[e.topic] is e]
+    return kept, len(kept) > len(latest)

@@ -1,4 +1,8 @@
-"""JSON out, with exact decimals: ``Decimal`` values are written as JSON numbers digit for digit."""
+"""JSON out, the one encoder: compact, ASCII, no NaN, and ``Decimal`` values as exact JSON numbers.
+
+Every JSON text monkestream writes (responses, errors, event data) comes from
+``dumps``, so no path can emit NaN or Infinity, which JSON does not have.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,36 @@ from decimal import Decimal
 from typing import Any
 
 _encode_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
-_plain = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode
+
+
+class _HasDecimal(Exception):
+    pass
+
+
+def _refuse(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        raise _HasDecimal
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_plain = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False, default=_refuse).encode
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON text; ``Decimal`` becomes a number with exactly its digits."""
+    """Compact JSON text; ``Decimal`` becomes a number with exactly its digits; NaN raises ValueError."""
+    try:
+        return _plain(value)  # the C encoder, for everything without a Decimal
+    except _HasDecimal:
+        return _exact(value)
+
+
+def _exact(value: Any) -> str:
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise ValueError("non-finite Decimal")
         return format(value, "f")
     if isinstance(value, dict):
-        return "{" + ",".join(_encode_str(str(k)) + ":" + dumps(v) for k, v in value.items()) + "}"
+        return "{" + ",".join(_encode_str(str(k)) + ":" + _exact(v) for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(dumps(v) for v in value) + "]"
+        return "[" + ",".join(_exact(v) for v in value) + "]"
     return _plain(value)

@@ -23,7 +23,7 @@ def render(app: App) -> str:
     by_kind: dict[str, int] = {}
     for topic in hub.topics.values():
         kind = topic.name.partition(":")[0]
-        by_kind[kind] = by_kind.get(kind, 0) + len(topic.fast) + len(topic.streams)
+        by_kind[kind] = by_kind.get(kind, 0) + sum(len(f.writers) for f in topic.fanouts) + len(topic.streams)
     out: list[str] = []
     out += _family("monkestream_connections_open", "gauge", "Open client connections, streams included.",
                    [("", len(server.connections))])

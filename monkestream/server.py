@@ -36,7 +36,7 @@ from typing import Any, Awaitable, Callable, Iterable, Union, cast
 from . import http11
 from .config import Config
 from .errors import ProtocolError
-from .hub import CloseReason, Hub, Stream
+from .hub import Backlog, CloseReason, Hub, Stream
 from .jsontext import dumps
 from .sse import encode_comment, encode_retry
 
@@ -45,6 +45,7 @@ log = logging.getLogger("monkestream")
 TICK_S = 0.5                 # the shared timer's longest period (heartbeats, stalls, max age)
 MAX_STREAM_INPUT_BYTES = 64 * 1024   # what a streaming client may send before it is cut off
 SHUTDOWN_GRACE_S = 5.0
+CATCH_UP_RETRY_MS = (100, 500)   # the reconnection hint for a stream closed with part of its backlog
 
 SSE_HEADERS = (
     ("Cache-Control", "no-cache"),
@@ -80,15 +81,15 @@ def json_response(value: Any, status: int = 200, headers: Iterable[tuple[str, st
 class EventStream:
     """What a handler returns to open an event stream on its connection.
 
-    ``prepare`` runs after the response head is sent and returns the frames
-    to write before going live (replay, a reset notice, a member list); the
-    stream is attached to the hub in the same loop step that it returns, so
-    nothing published in between is missed. ``on_close`` runs once, whatever
-    ends the stream.
+    ``prepare`` runs after the response head is sent and does whatever must
+    be awaited (SQLite reads); it returns ``start``, which the hub calls in
+    the step that attaches the stream to build its backlog (hub Rule 3), so
+    nothing published in between is missed or sent twice. ``on_close`` runs
+    once, whatever ends the stream.
     """
 
     topics: list[str]
-    prepare: Callable[[], Awaitable[list[bytes]]] | None = None
+    prepare: Callable[[], Awaitable[Callable[[], Backlog]]] | None = None
     on_close: Callable[[], object] | None = None
 
 
@@ -561,17 +562,18 @@ class Connection(asyncio.Protocol):
 
     async def _go_live(self, spec: EventStream) -> None:
         try:
-            frames = await spec.prepare() if spec.prepare is not None else []
+            start = await spec.prepare() if spec.prepare is not None else None
+            failed = False
         except asyncio.CancelledError:
             self._stream_ended()
             raise
         except Exception:  # noqa: BLE001 - a task root: counted and logged
             self.server.errors += 1
             log.exception("error preparing a stream")
-            frames = None
+            start, failed = None, True
         self.busy = False
         self._task = None
-        if self.closing or frames is None:
+        if self.closing or failed:
             self._stream_ended()
             self.close()
             return
@@ -583,9 +585,14 @@ class Connection(asyncio.Protocol):
                         cap_bytes=cap)
         self.stream = stream
         self.parser = None  # no request follows an event stream on its connection
-        if frames:
-            self.send(b"".join(frames))
-        self.server.hub.open_stream(stream)
+        try:
+            self.server.hub.open_stream(stream, start)
+        except Exception:  # noqa: BLE001 - a task root: counted and logged
+            self.server.errors += 1
+            log.exception("error starting a stream")
+            self.stream = None
+            self._stream_ended()
+            self.close()
 
     # -- hub.Sink ---------------------------------------------------------------------
 
@@ -600,6 +607,8 @@ class Connection(asyncio.Protocol):
     def hub_closed(self, reason: CloseReason) -> None:
         log.debug("stream from %s closed: %s", self.client, reason.value)
         self._stream_ended()
+        if reason is CloseReason.CATCH_UP:  # the rest of its backlog is owed at once
+            self.send(encode_retry(random.randint(*CATCH_UP_RETRY_MS)))
         if reason is not CloseReason.CLIENT and self.transport is not None and not self.closing:
             if self.chunked:
                 self.transport.write(http11.LAST_CHUNK)

@@ -44,11 +44,17 @@ class EventId(NamedTuple):
 
 
 def encode_event(name: str | None, data: str, event_id: str | None = None) -> bytes:
-    """Serialize one event to its SSE frame, ending with the blank line that dispatches it."""
+    """Serialize one event to its SSE frame, ending with the blank line that dispatches it.
+
+    This is the only place event frames are made: the hub, the replay from
+    SQLite and the notices all call it.
+    """
     if name is not None and ("\n" in name or "\r" in name):
         raise ValueError("event name must not contain a line break")
     if event_id is not None and ("\n" in event_id or "\r" in event_id or "\0" in event_id):
         raise ValueError("event id must not contain a line break or NUL")
+    if name is not None and event_id is not None and "\n" not in data and "\r" not in data:
+        return f"id: {event_id}\nevent: {name}\ndata: {data}\n\n".encode()  # the common case, one line
     parts = []
     if event_id is not None:
         parts.append(f"id: {event_id}\n")
@@ -59,6 +65,13 @@ def encode_event(name: str | None, data: str, event_id: str | None = None) -> by
         parts.append(f"data: {line}\n")
     parts.append("\n")
     return "".join(parts).encode("utf-8")
+
+
+def encode_position(event_id: str) -> bytes:
+    """An ``id:``-only frame: it sets the client's Last-Event-ID without dispatching an event."""
+    if "\n" in event_id or "\r" in event_id or "\0" in event_id:
+        raise ValueError("event id must not contain a line break or NUL")
+    return f"id: {event_id}\n\n".encode()
 
 
 def encode_comment(text: str = "") -> bytes:

@@ -281,18 +281,32 @@ class Store:
             return False
         return all(seq is not None for epoch, seq in self.clean_runs.items() if epoch > after.epoch)
 
-    async def replay(self, symbol: str, after: EventId, limit: int = REPLAY_LIMIT_EVENTS) -> list[StoredTicker] | None:
-        """Stored tickers of ``symbol`` after ``after`` in id order; None if more than ``limit``."""
-        rows = await self._read(self._replay_sync, symbol, after, limit + 1)
-        return None if len(rows) > limit else rows
+    async def replay_many(self, symbols: list[str], after: EventId, limit: int,
+                          most: int = REPLAY_LIMIT_EVENTS) -> dict[str, list[StoredTicker] | None]:
+        """Per symbol, the first ``limit`` stored tickers after ``after`` in id order.
 
-    def _replay_sync(self, symbol: str, after: EventId, limit: int) -> list[StoredTicker]:
+        None for a symbol with more than ``most`` after it: too far behind to
+        replay. One call on the reader thread, however many symbols.
+        """
+        return await self._read(self._replay_many_sync, symbols, after, limit, most)
+
+    def _replay_many_sync(self, symbols: list[str], after: EventId, limit: int,
+                          most: int) -> dict[str, list[StoredTicker] | None]:
         assert self._rconn is not None
-        rows = self._rconn.execute(
-            "SELECT epoch, seq, symbol, price, currency, created_at FROM tickers "
-            "WHERE symbol = ? AND (epoch > ? OR (epoch = ? AND seq > ?)) ORDER BY epoch, seq LIMIT ?",
-            (symbol, after.epoch, after.epoch, after.seq, limit)).fetchall()
-        return [StoredTicker(EventId(r[0], r[1]), Ticker(*r[2:])) for r in rows]
+        out: dict[str, list[StoredTicker] | None] = {}
+        where = "WHERE symbol = ? AND (epoch > ? OR (epoch = ? AND seq > ?))"
+        for symbol in symbols:
+            key = (symbol, after.epoch, after.epoch, after.seq)
+            (count,) = self._rconn.execute(
+                f"SELECT count(*) FROM (SELECT 1 FROM tickers {where} LIMIT ?)", (*key, most + 1)).fetchone()
+            if count > most:
+                out[symbol] = None
+                continue
+            rows = self._rconn.execute(
+                f"SELECT epoch, seq, symbol, price, currency, created_at FROM tickers {where} "
+                "ORDER BY epoch, seq LIMIT ?", (*key, limit)).fetchall()
+            out[symbol] = [StoredTicker(EventId(r[0], r[1]), Ticker(*r[2:])) for r in rows]
+        return out
 
     async def prune(self, before: int) -> int:
         """Delete tickers created before ``before`` (unix seconds), chunk by chunk; the count deleted."""

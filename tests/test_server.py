@@ -163,7 +163,7 @@ def test_many_clients_then_all_dropped_leaves_the_hub_empty(server):
         time.sleep(0.02)
     hub = server.app.hub
     assert server.call(lambda: hub.stream_count) == 0
-    assert server.call(lambda: [t.name for t in hub.topics.values() if t.fast or t.streams]) == []
+    assert server.call(lambda: [t.name for t in hub.topics.values() if t.fanouts or t.streams]) == []
     assert server.call(lambda: len(server.app.server.streams)) == 0
     assert server.call(lambda: len(server.app.server.connections)) == 0
 

@@ -1,0 +1,145 @@
+"""Replay: what a resuming stream is owed, from the hub's rings and SQLite, built as one backlog.
+
+Theory of operation
+-------------------
+Rule 1: a stream resuming after id A is owed, for each of its topics, every
+        event after A: from the topic's replay ring when the ring reaches back
+        to A; for a ticker topic, else from SQLite and then the ring; else a
+        ``reset`` event naming the topic, so the client knows to refetch.
+Rule 2: every SQLite read happens first (``prepare``: one call on the reader
+        thread for all the stream's tickers). The backlog is then built in one
+        synchronous step from the rings as they stand, and the hub attaches
+        the stream in that same step (hub Rule 3), so nothing published
+        meanwhile is lost or sent twice.
+Rule 3: a backlog has a budget in bytes. Events go in id order while they
+        fit; past it the backlog is partial: the stream gets what fits and is
+        closed, and its client resumes from the last id it got. So a stream's
+        memory never passes its budget, and every event still arrives once,
+        in order. SQLite reads are bounded to match: at most
+        ``budget // MIN_FRAME_BYTES`` rows per symbol.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .hub import Backlog, Hub
+from .jsontext import dumps
+from .sse import EventId, encode_event
+from .store import Store
+
+MIN_FRAME_BYTES = 64          # no ticker frame is shorter: bounds the rows a budget can use
+PREPARE_ATTEMPTS = 3          # SQLite reads for one resume while rings keep moving past it
+
+Replayed = list[tuple[EventId, bytes]]
+
+
+class Stored:
+    """One topic's events read from SQLite: ``rows`` in id order, and whether they reach the ring."""
+
+    __slots__ = ("rows", "complete")
+
+    def __init__(self, rows: Replayed, complete: bool) -> None:
+        self.rows = rows
+        self.complete = complete   # False: cut at the row limit, the rest is owed after a reconnect
+
+
+class Replayer:
+    """Builds backlogs from the hub's rings and the store, within a byte budget."""
+
+    def __init__(self, hub: Hub, store: Store, *, stored_symbol: Callable[[str], str | None],
+                 budget_bytes: int) -> None:
+        self.hub = hub
+        self.store = store
+        self._stored_symbol = stored_symbol   # the SQLite symbol behind a topic, None if SQLite keeps none
+        self.budget_bytes = budget_bytes
+        self.partial = 0                      # backlogs cut at the budget (metrics)
+
+    async def prepare(self, topics: list[str], last_id: str) -> Callable[[], Backlog]:
+        """Read from SQLite what the rings cannot give; return the step that builds the backlog.
+
+        Call the result in the step that attaches the stream (``Hub.open_stream``).
+        """
+        after = EventId.parse(last_id)
+        if after is None:
+            return lambda: self._build(topics, last_id, None, {})
+        stored: dict[str, Stored | None] = {}   # None: too far behind for SQLite to replay
+        for _attempt in range(PREPARE_ATTEMPTS):
+            needed = [t for t in topics if self._needs_read(t, after, stored)]
+            if not needed:
+                break
+            stored.update(await self._read(needed, after))
+        return lambda: self._build(topics, last_id, after, stored)
+
+    def _needs_read(self, topic: str, after: EventId, stored: dict[str, Stored | None]) -> bool:
+        """Whether SQLite can give what the ring (with what was read so far) cannot."""
+        if topic in stored and stored[topic] is None:
+            return False
+        hub = self.hub
+        return (self._stored_symbol(topic) is not None and after <= hub.last_id()
+                and self.store.covers(after) and self._topic(topic, after, stored.get(topic)) is None)
+
+    async def _read(self, topics: list[str], after: EventId) -> dict[str, Stored | None]:
+        limit = self.budget_bytes // MIN_FRAME_BYTES + 1
+        symbols = {t: self._stored_symbol(t) or "" for t in topics}
+        rows = await self.store.replay_many(list(symbols.values()), after, limit)
+        out: dict[str, Stored | None] = {}
+        for topic, symbol in symbols.items():
+            got = rows.get(symbol)
+            if got is None:
+                out[topic] = None
+                continue
+            out[topic] = Stored([(s.id, encode_event("price_update", s.ticker.to_json(), str(s.id)))
+                                 for s in got], len(got) < limit)
+        return out
+
+    def _build(self, topics: list[str], last_id: str, after: EventId | None,
+               stored: dict[str, Stored | None]) -> Backlog:
+        replayed: Replayed = []
+        reset: list[str] = []
+        cut: EventId | None = None   # past this id, some topic's stored rows were cut at the limit
+        for topic in topics:
+            got = self._topic(topic, after, stored.get(topic)) if after is not None else None
+            if got is None:
+                reset.append(topic)
+                continue
+            replayed.extend(got)
+            part = stored.get(topic)
+            if part is not None and not part.complete and part.rows:
+                cut = min(cut, part.rows[-1][0]) if cut is not None else part.rows[-1][0]
+        frames = [reset_event(reset, last_id)] if reset else []
+        replayed.sort(key=lambda pair: pair[0])
+        complete = cut is None
+        size = sum(len(frame) for frame in frames)
+        for event_id, frame in replayed:
+            if cut is not None and event_id > cut or size + len(frame) > self.budget_bytes and frames:
+                complete = False
+                break
+            frames.append(frame)
+            size += len(frame)
+        if not complete:
+            self.partial += 1
+        return Backlog(frames, complete)
+
+    def _topic(self, topic: str, after: EventId, stored: Stored | None) -> Replayed | None:
+        """Rule 1 for one topic; None: a reset."""
+        hub = self.hub
+        events = hub.replay(topic, after)
+        if events is not None:
+            return [(e.id, e.frame) for e in events]
+        if stored is None:
+            return None
+        if not stored.complete:
+            return stored.rows  # the rest comes after a reconnect
+        # the ring must hold everything of this run after what SQLite gave
+        mark = max((i for i, _f in stored.rows if i.epoch == hub.epoch), default=EventId(hub.epoch, 0))
+        tail = hub.replay(topic, max(mark, after) if after.epoch == hub.epoch else mark)
+        if tail is None:
+            return None
+        return stored.rows + [(e.id, e.frame) for e in tail]
+
+
+def reset_event(topics: list[str], last_id: str) -> bytes:
+    """The ``reset`` event: these topics' events after ``last_id`` are gone; refetch their state."""
+    return encode_event("reset", dumps({"topics": topics, "lastEventId": last_id,
+                                        "reason": "the events after this id are no longer held; refetch state"}))
