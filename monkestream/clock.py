@@ -66,6 +66,8 @@ class Scheduler(Protocol):
 
     def call_later(self, delay: float, callback: Callable[[], object]) -> Handle: ...
 
+    def call_soon(self, callback: Callable[[], object]) -> Handle: ...
+
     async def sleep(self, delay: float) -> None: ...
 
 
@@ -89,6 +91,9 @@ class AsyncioScheduler:
 
     def call_later(self, delay: float, callback: Callable[[], object]) -> Handle:
         return self._get_loop().call_later(delay, callback)
+
+    def call_soon(self, callback: Callable[[], object]) -> Handle:
+        return self._get_loop().call_soon(callback)
 
     async def sleep(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -181,6 +186,10 @@ class VirtualScheduler:
         self._live += 1
         self._changes += 1
         return timer
+
+    def call_soon(self, callback: Callable[[], object]) -> Handle:
+        """Run ``callback`` in the loop's next step: work that is not timed waits for no advance()."""
+        return asyncio.get_running_loop().call_soon(callback)
 
     async def sleep(self, delay: float) -> None:
         """Wait until virtual time reaches ``now() + delay``.

@@ -7,8 +7,8 @@ Rule 1: ``publish()`` never awaits and never raises because of a subscriber.
         before taking its id, so an event that cannot be encoded burns no id;
         then it keeps the event in the topic's replay ring, hands it to pull
         subscribers' queues with ``put_nowait`` and queues it for push streams.
-        A flush scheduled with ``call_soon`` writes everything published in
-        this loop iteration.
+        A flush scheduled with ``scheduler.call_soon`` writes everything
+        published in this loop iteration.
 Rule 2: the delivery rule. A push stream has a position: the id of the last
         event it was given (at first, the end of its backlog). It receives
         every event of its topics published after its position exactly once,
@@ -370,7 +370,6 @@ class Hub:
         self._flush_scheduled = False
         self._writing = False
         self._deferred: list[tuple[Stream, bool]] = []  # (stream, pause?) asked for while writing
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.stream_count = 0
         self.subscription_count = 0
         self.published = 0
@@ -452,10 +451,7 @@ class Hub:
                 self._dirty_streams.append(stream)
         if not self._flush_scheduled and (self._dirty_fanouts or self._dirty_streams):
             self._flush_scheduled = True
-            loop = self._loop
-            if loop is None or loop.is_closed():
-                loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self.flush)
+            self.scheduler.call_soon(self.flush)
 
     # -- writing --------------------------------------------------------------
 
