@@ -18,8 +18,9 @@ Rule 2: the delivery rule. A push stream has a position: the id of the last
 Rule 3: the rule is kept in one place. Every change to a stream (open,
         pause, resume) first flushes what is pending (``_settle``), so it
         happens at a moment when every attached stream has been given every
-        event published; a change a transport asks for while the hub is
-        writing (``pause_writing`` inside a write) waits until that write ends.
+        event published. A change a transport asks for from inside a write
+        (``pause_writing``) needs no flush: a stream's pending events are in
+        one place (its Fanout or its own list), already taken by that write.
         A stream opens with its backlog built in the same step as it is
         attached (``open_stream(stream, start)`` calls ``start``), so nothing
         can be published between the backlog's end and its position.
@@ -369,7 +370,6 @@ class Hub:
         self._dirty_streams: list[Stream] = []
         self._flush_scheduled = False
         self._writing = False
-        self._deferred: list[tuple[Stream, bool]] = []  # (stream, pause?) asked for while writing
         self.stream_count = 0
         self.subscription_count = 0
         self.published = 0
@@ -458,7 +458,7 @@ class Hub:
     def flush(self) -> None:
         """Write everything published since the last flush to the push streams."""
         if self._writing:
-            return  # called from inside a write: the flush running now writes it all
+            return  # from inside a write (a pause): the flush running now writes the rest
         self._flush_scheduled = False
         self._writing = True
         try:
@@ -471,12 +471,6 @@ class Hub:
                     self._flush_stream(stream)
         finally:
             self._writing = False
-        while self._deferred:
-            stream, pause = self._deferred.pop(0)
-            if pause:
-                self.pause(stream)
-            else:
-                self.resume(stream)
 
     def _settle(self) -> None:
         """Rule 3: before a stream changes, every attached stream is given what is pending."""
@@ -623,10 +617,9 @@ class Hub:
         """The stream's transport is full: hold its conflating topics' events (Rule 5)."""
         if stream.closed or stream.paused:
             return
-        if self._writing:
-            self._deferred.append((stream, True))
-            return
         self._settle()
+        if stream.closed or stream.paused:  # the flush's write closed or paused it
+            return
         self._unplace(stream)
         stream.paused = True
         stream.paused_at = self.scheduler.now()
@@ -636,10 +629,9 @@ class Hub:
         """The stream drained: send the latest event of each topic it missed, then go on live."""
         if stream.closed or not stream.paused:
             return
-        if self._writing:
-            self._deferred.append((stream, False))
-            return
         self._settle()
+        if stream.closed:  # the flush's write passed its cap
+            return
         missed = _in_id_order(self._take_missed(stream))
         self._unplace(stream)
         stream.paused = False
