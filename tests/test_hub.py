@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from monkestream import CloseReason, EventId, Hub, Policy
-from monkestream.hub import Stream
+from monkestream.hub import Backlog, Stream
 
 
 def run(coro):
@@ -239,4 +239,127 @@ def test_replay_from_the_ring_and_its_limits():
         assert hub.replay("t", EventId(4, 1)) is None         # another run
         assert hub.replay("t", EventId(5, 999)) is None       # from the future
         assert hub.replay("never", EventId(5, 1)) == []
+    run(main())
+
+
+# -- the delivery rule (hub Rules 2 and 3), one risk at a time ----------------------------
+
+class PausingSink(FakeSink):
+    """Pauses its stream from inside the next write, as a transport past its high-water mark does."""
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__()
+        self.hub = hub
+        self.stream: Stream | None = None
+        self.pause_next = False
+
+    def send(self, frames: bytes) -> None:
+        super().send(frames)
+        if self.pause_next:
+            self.pause_next = False
+            self.hub.pause(self.stream)
+
+
+def test_hub_rule_1_an_event_that_cannot_be_encoded_takes_no_id():
+    async def main():
+        hub = Hub(epoch=3)
+        hub.publish("t", "e", 1)
+        with pytest.raises(ValueError):
+            hub.publish("t", "e", float("nan"))  # JSON has no NaN
+        with pytest.raises(ValueError):
+            hub.publish("t", "bad\nname", 1)
+        assert hub.publish("t", "e", 2).id == EventId(3, 2)
+    run(main())
+
+
+def test_hub_rule_2_resume_sends_conflated_and_lossless_events_in_id_order():
+    async def main():
+        hub = Hub(conflate=lambda t: t.startswith("ticker:"))
+        sink = FakeSink()
+        stream = Stream(["ticker:X", "room:r"], sink)
+        hub.open_stream(stream)
+        sink.sent.clear()
+        hub.pause(stream)
+        chat = hub.publish("room:r", "c", 1)
+        tick = hub.publish("ticker:X", "p", 2)
+        hub.resume(stream)  # before the flush: the chat event is still pending, the price held
+        await asyncio.sleep(0)
+        assert b"".join(sink.sent) == chat.frame + tick.frame
+    run(main())
+
+
+def test_hub_rule_3_a_pause_keeps_what_was_pending_for_the_stream():
+    async def main():
+        hub = Hub()
+        sink = FakeSink()
+        stream = Stream(["room:r"], sink, send_framed=sink.framed.append)
+        hub.open_stream(stream)
+        event = hub.publish("room:r", "c", 1)
+        hub.pause(stream)  # the event is pending on the shared buffer
+        await asyncio.sleep(0)
+        assert b"".join(sink.framed + sink.sent[1:]) == event.frame
+    run(main())
+
+
+def test_hub_rule_3_a_pause_from_inside_the_resume_write_leaves_the_stream_paused():
+    async def main():
+        hub = Hub(conflate=lambda t: True)
+        sink = PausingSink(hub)
+        stream = sink.stream = Stream(["ticker:X"], sink, send_framed=sink.framed.append)
+        hub.open_stream(stream)
+        hub.pause(stream)
+        hub.publish("ticker:X", "p", 1)
+        sink.pause_next = True  # the resume's write fills the transport again
+        hub.resume(stream)
+        assert stream.paused and stream.fanout is None  # off the shared buffer: the stall timer sees it
+        later = hub.publish("ticker:X", "p", 2)
+        await asyncio.sleep(0)
+        assert sink.framed == []  # held, not written behind a paused transport
+        sink.pause_next = False
+        hub.resume(stream)
+        assert sink.sent[-1] == later.frame
+    run(main())
+
+
+def test_hub_rule_3_a_stream_opened_beside_a_live_one_gets_a_pending_event_once():
+    async def main():
+        hub = Hub()
+        old, new = FakeSink(), FakeSink()
+        hub.open_stream(Stream(["t"], old, send_framed=old.framed.append))
+        position = hub.last_id()
+        event = hub.publish("t", "e", 1)  # pending on the topic's shared buffer
+        hub.open_stream(Stream(["t"], new, send_framed=new.framed.append),
+                        lambda: Backlog([e.frame for e in hub.replay("t", position)]))
+        await asyncio.sleep(0)
+        assert b"".join(new.sent + new.framed).count(event.frame) == 1
+        assert old.framed == [event.frame]
+    run(main())
+
+
+def test_hub_rule_3_a_backlog_built_by_start_may_publish_and_is_attached_in_the_same_step():
+    async def main():
+        hub = Hub(epoch=1)
+        sink = FakeSink()
+
+        def start() -> Backlog:
+            joined = hub.publish("room:r", "user_joined", {"user": "u"})
+            return Backlog([joined.frame])
+        hub.open_stream(Stream(["room:r"], sink, send_framed=sink.framed.append), start)
+        await asyncio.sleep(0)
+        assert sink.sent == [b'id: 1-1\nevent: user_joined\ndata: {"user":"u"}\n\nid: 1-1\n\n']
+        assert sink.framed == []  # not again from the flush
+    run(main())
+
+
+def test_hub_rule_6_ids_assigned_elsewhere_are_carried_and_must_grow():
+    async def main():
+        hub = Hub(epoch=1)
+        sub = hub.subscribe("t")
+        event = hub.publish("t", "e", 1, event_id=EventId(1700000000000, 4))
+        assert event.id == EventId(1700000000000, 4) and event.frame.startswith(b"id: 1700000000000-4\n")
+        assert hub.last_id() == EventId(1700000000000, 4)
+        assert hub.publish("t", "e", 2).id == EventId(1700000000000, 5)
+        with pytest.raises(ValueError):
+            hub.publish("t", "e", 3, event_id=EventId(1700000000000, 5))
+        assert [e.data for e in sub.drain()] == [1, 2]
     run(main())
