@@ -11,7 +11,7 @@ import pytest
 
 from monkestream import CloseReason
 from monkestream.sse import EventId
-from helpers import AppThread, ServerProcess, SSEClient, post_tickers, request
+from helpers import AppThread, ServerProcess, SSEClient, healthz, post_tickers, request
 
 
 def publish(port, symbol, *prices):
@@ -316,6 +316,15 @@ def test_comments_are_rate_limited_per_client(tmp_path):
         assert statuses == [201, 201, 201, 429, 429]
 
 
+@pytest.mark.parametrize("rate, wait", [(0.25, "4"), (100, "1")])
+def test_a_refused_comment_says_when_the_next_one_will_be_taken(tmp_path, rate, wait):
+    """Retry-After: the seconds until the bucket holds a token again, rounded up, and at least 1."""
+    with AppThread(tmp_path / "ra.db", comment_burst=1, comment_rate=rate) as s:
+        assert request(s.port, "POST", "/room/r/comments", {"user": "ann", "text": "one"})[0] == 201
+        status, headers, _ = request(s.port, "POST", "/room/r/comments", {"user": "ann", "text": "two"})
+        assert status == 429 and headers["retry-after"] == wait
+
+
 def test_comments_survive_a_restart(tmp_path):
     db = tmp_path / "c.db"
     with ServerProcess(db, "--no-demo") as srv:
@@ -369,3 +378,36 @@ def test_history_past_the_retention_is_deleted_and_not_replayed(tmp_path):
             assert client.wait_for(1, name="reset")
         _, _, metrics = request(s.port, "GET", "/metrics")
         assert "monkestream_sqlite_pruned_rows_total 3" in metrics.decode()
+
+
+def test_replay_rule_3_a_long_resume_comes_in_parts_each_within_the_budget(tmp_path):
+    budget = 16384
+    with AppThread(tmp_path / "s.db", flush_interval=0.05, replay_events=8, stream_buffer=budget) as s:
+        with SSEClient(s.port, "/ticker/GAP/event") as first:
+            first.wait_for(0)
+            start = first.parser.last_event_id
+        publish(s.port, "GAP", *range(1, 1001))   # about 100 kB of frames: several budgets
+        wait_until(lambda: healthz(s.port)["unpersisted"] == 0)
+        last_id, got, parts, sizes = start, [], 0, []
+        while True:
+            part = SSEClient(s.port, "/ticker/GAP/event", {"Last-Event-ID": last_id})
+            while not part.closed:
+                before = len(part.events)
+                part.pump(0.3)
+                if len(part.events) == before and part.parser.last_event_id != last_id and not part.closed:
+                    break  # caught up: live and quiet
+            sizes.append(sum(len(e.data) + len(e.last_event_id) + len(e.type) for e in part.events))
+            got += part.events
+            received = len(part.events)
+            last_id = part.parser.last_event_id
+            parts += 1
+            part.close()
+            if received == 0 or len(got) >= 1000 or parts > 50:
+                break
+        assert prices(got) == list(range(1, 1001))
+        ids = [EventId.parse(e.last_event_id) for e in got]
+        assert ids == sorted(set(ids))
+        assert parts >= 100_000 // budget  # in parts, each ended by the server with a short retry
+        assert max(sizes) <= budget
+        closed = s.call(lambda: s.app.hub.closed_by_reason[CloseReason.CATCH_UP])
+        assert closed == parts - 1
