@@ -8,7 +8,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["bench"]:
-        from .bench import main as bench_main
+        from .bench.cli import main as bench_main
         return bench_main(args[1:])
     from .config import load
     from .errors import ConfigError

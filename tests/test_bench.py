@@ -1,8 +1,10 @@
 """Tests for monkestream.bench: the byte scanner, the histogram, and whole runs.
 
 The whole runs drive a small asyncio server defined here (chunked SSE with ids,
-comments, retry hints, and some events cut across two chunks) on an ephemeral
-port, with the load generator in a subprocess, as a user would run it.
+comments, retry hints, room events, Last-Event-ID resume, and some events cut
+across two chunks) on an ephemeral port, with the load generator in a
+subprocess, as a user would run it. The same server, broken on purpose, shows
+that the bench reports each kind of flaw on the streams that have it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 import pytest
 
 from monkestream.bench import main
-from monkestream.benchwire import StreamScanner, hist_index, hist_value, percentile_us, take_response
+from monkestream.bench.wire import StreamScanner, hist_index, hist_value, id_number, percentile_us, take_response
 from monkestream.sse import EventId, encode_comment, encode_event, encode_retry
 
 EPOCH = 1732660000000
@@ -32,21 +34,26 @@ def chunk(payload: bytes, extension: bytes = b"") -> bytes:
     return b"%x%b\r\n%b\r\n" % (len(payload), extension, payload)
 
 
-def price_event(seq: int, price: str | None = None, crlf: bool = False) -> bytes:
-    data = json.dumps({"symbol": "BENCH", "price": seq, "currency": "USD"}, separators=(",", ":"))
+def price_event(seq: int, price: str | None = None, crlf: bool = False, symbol: str = "BENCH",
+                event_id: str | None = None) -> bytes:
+    data = json.dumps({"symbol": symbol, "price": seq, "currency": "USD"}, separators=(",", ":"))
     if price is not None:
         data = data.replace(f'"price":{seq}', f'"price":{price}')
-    frame = encode_event("price_update", data, str(EventId(EPOCH, seq)))
+    frame = encode_event("price_update", data, event_id or str(EventId(EPOCH, seq)))
     return frame.replace(b"\n", b"\r\n") if crlf else frame
+
+
+def bench_id(seq: int) -> bytes:
+    return str(EventId(EPOCH, seq)).encode()
 
 
 # ---------------------------------------------------------------- scanner
 
 
-def _chunked_stream() -> tuple[bytes, list[int]]:
-    """A stream in every dialect the scanner must read, and the seqs in it."""
-    parts = [SSE_HEAD, chunk(encode_retry(1000)), chunk(encode_comment("hello"))]
-    seqs = []
+def _chunked_stream() -> tuple[bytes, list[tuple[int, bytes]]]:
+    """A stream in every dialect the scanner must read, and the (seq, id) of each bench event in it."""
+    parts = [SSE_HEAD, chunk(encode_retry(1000)), chunk(encode_comment("hello")), chunk(b"id: 0-7\n\n")]
+    expected = []
     for seq in range(1, 25):
         frame = price_event(seq, price=f"{seq}.0" if seq % 5 == 0 else None, crlf=seq % 3 == 0)
         if seq % 4 == 0:  # one event cut across two chunks, inside its number
@@ -55,20 +62,36 @@ def _chunked_stream() -> tuple[bytes, list[int]]:
         elif seq % 7 == 0:  # two events in one chunk
             frame += encode_comment("beat")
             parts.append(chunk(frame))
+        elif seq % 11 == 0:  # lone CRs end its lines
+            parts.append(chunk(frame.replace(b"\n", b"\r")))
         else:
             parts.append(chunk(frame))
-        seqs.append(seq)
+        expected.append((seq, bench_id(seq)))
     parts.append(chunk(price_event(100_000_001)))
-    seqs.append(100_000_001)
-    return b"".join(parts), seqs
+    expected.append((100_000_001, bench_id(100_000_001)))
+    return b"".join(parts), expected
 
 
-def _feed_in_pieces(stream: bytes, cuts: list[int]) -> tuple[StreamScanner, list[int]]:
-    scanner = StreamScanner()
-    seqs: list[int] = []
+def _other_events() -> bytes:
+    """Frames that are not bench events, though some look like them, and one that is, without an id."""
+    text = json.dumps({"text": '{"symbol":"BENCH","price":777}'})
+    return b"".join([
+        encode_event("comment_posted", text, "0-50"),
+        encode_event("members", json.dumps({"room": "lobby", "users": ["bench"]})),
+        price_event(778, symbol="DOGE", event_id="0-51"),
+        price_event(779, symbol="BENCHX", event_id="0-52"),
+        encode_event("message", '{"symbol":"BENCH","price":780}', "0-53"),
+        b'event: price_update\ndata: {"price": 30, "symbol": "BENCH"}\n\n',  # no id: the last one holds
+        b"id: 0-54\n\n",
+    ])
+
+
+def _feed_in_pieces(stream: bytes, cuts: list[int]) -> tuple[StreamScanner, list[tuple[int, bytes | None]]]:
+    scanner = StreamScanner("BENCH")
+    events: list[tuple[int, bytes | None]] = []
     for start, end in zip([0, *cuts], [*cuts, len(stream)]):
-        seqs += scanner.feed(stream[start:end])
-    return scanner, seqs
+        events += scanner.feed(stream[start:end])
+    return scanner, events
 
 
 def test_scanner_counts_each_event_once_whatever_the_split():
@@ -76,21 +99,40 @@ def test_scanner_counts_each_event_once_whatever_the_split():
     assert _feed_in_pieces(stream, [])[1] == expected
     assert _feed_in_pieces(stream, list(range(1, len(stream))))[1] == expected
     for cut in range(len(stream) + 1):
-        scanner, seqs = _feed_in_pieces(stream, [cut])
-        assert seqs == expected, f"split at {cut}"
+        scanner, events = _feed_in_pieces(stream, [cut])
+        assert events == expected, f"split at {cut}"
         assert scanner.failure is None and scanner.parse_errors == 0
+        assert scanner.first_id == b"0-7" and scanner.last_id == bench_id(100_000_001)
+
+
+def test_scanner_counts_only_the_symbols_price_updates():
+    head = b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+    stream = head + price_event(29) + _other_events() + price_event(31)
+    expected = [(29, bench_id(29)), (30, b"0-53"), (31, bench_id(31))]
+    for cut in range(len(head), len(stream) + 1):
+        scanner, events = _feed_in_pieces(stream, [cut])
+        assert events == expected, f"split at {cut}"
+        assert scanner.last_id == bench_id(31)
+    scanner, events = _feed_in_pieces(stream[: -len(price_event(31))], [])
+    assert scanner.last_id == b"0-54", "an id-only frame moves the last event id"
 
 
 def test_scanner_reads_close_delimited_streams():
     head = b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n\r\n"
     stream = head + encode_comment("hi") + b"".join(price_event(s, crlf=s % 2 == 0) for s in range(1, 30))
     for cut in range(len(stream) + 1):
-        assert _feed_in_pieces(stream, [cut])[1] == list(range(1, 30))
+        assert [s for s, _ in _feed_in_pieces(stream, [cut])[1]] == list(range(1, 30))
+
+
+def test_scanner_keeps_the_last_id_it_resumes_from():
+    scanner = StreamScanner("BENCH", last_id=b"0-9")
+    assert scanner.feed(SSE_HEAD + chunk(b"retry: 10\n\n")) == [] and scanner.last_id == b"0-9"
+    assert scanner.feed(chunk(b'event: price_update\ndata: {"symbol":"BENCH","price":10}\n\n')) == [(10, b"0-9")]
 
 
 def test_scanner_sees_the_last_chunk():
-    scanner, seqs = _feed_in_pieces(SSE_HEAD + chunk(price_event(1)) + b"0\r\n\r\n", [])
-    assert seqs == [1] and scanner.ended
+    scanner, events = _feed_in_pieces(SSE_HEAD + chunk(price_event(1)) + b"0\r\n\r\n", [])
+    assert events == [(1, bench_id(1))] and scanner.ended
 
 
 @pytest.mark.parametrize(
@@ -103,14 +145,20 @@ def test_scanner_sees_the_last_chunk():
     ],
 )
 def test_scanner_refuses_what_is_not_an_event_stream(head, failure):
-    scanner, seqs = _feed_in_pieces(head + price_event(1), [])
-    assert seqs == [] and scanner.failure == failure
+    scanner, events = _feed_in_pieces(head + price_event(1), [])
+    assert events == [] and scanner.failure == failure
 
 
 def test_scanner_drops_a_malformed_price_and_keeps_going():
     stream = SSE_HEAD + chunk(price_event(1, price="1.5") + price_event(2))
-    scanner, seqs = _feed_in_pieces(stream, [])
-    assert seqs == [2] and scanner.failure is None
+    scanner, events = _feed_in_pieces(stream, [])
+    assert events == [(2, bench_id(2))] and scanner.failure is None
+
+
+def test_id_number():
+    assert id_number(b"1732660000000-42") == 42
+    assert id_number(b"42") == 42
+    assert id_number(b"abc") == id_number(b"") == id_number(None) == id_number(b"1-") == 0
 
 
 # ---------------------------------------------------------------- histogram and responses
@@ -145,12 +193,73 @@ def test_take_response():
 
 
 class ContractServer:
-    """The wire contract in a few lines: POST publishes to every open event stream."""
+    """The wire contract in a few lines: POST publishes to every open event stream, GET resumes.
 
-    def __init__(self, token: str) -> None:
-        self.token = token
-        self.streams: set[asyncio.StreamWriter] = set()
+    Events are numbered here, in the order they are published; a stream on a
+    path naming a room also gets a ``members`` event and a room event after
+    every third price. ``flaw`` breaks one promise on purpose, for the bench to
+    catch: ``dup`` replays to a resuming stream the last price it already had,
+    ``skip`` leaves out the first price it missed, ``swap`` replays its first two
+    missed prices in the wrong order, ``late_dup`` sends a stream opened while
+    publishing its first live price twice, ``late_skip`` never sends it.
+    """
+
+    def __init__(self, token: str, flaw: str | None = None) -> None:
+        self.token, self.flaw = token, flaw
+        self.streams: dict[asyncio.StreamWriter, dict[str, bool]] = {}
+        self.history: list[tuple[int, bool, bytes]] = []  # (id number, a room's?, frame)
         self.seq = 0
+
+    def _numbered(self, name: str, data: str, room: bool) -> bytes:
+        self.seq += 1
+        frame = encode_event(name, data, str(EventId(EPOCH, self.seq)))
+        self.history.append((self.seq, room, frame))
+        return frame
+
+    def _replay(self, last_id: str, rooms: bool) -> list[bytes]:
+        after = EventId.parse(last_id)
+        assert after is not None, last_id
+        frames = [f for n, room, f in self.history if n > after.seq and (rooms or not room)]
+        prices = [i for i, f in enumerate(frames) if b"price_update" in f]
+        if self.flaw == "dup":
+            had = [f for n, room, f in self.history if n <= after.seq and not room]
+            frames[:0] = had[-1:]
+        elif self.flaw == "skip" and prices:
+            del frames[prices[0]]
+        elif self.flaw == "swap" and len(prices) > 1:
+            a, b = prices[:2]
+            frames[a], frames[b] = frames[b], frames[a]
+        return frames
+
+    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: str) -> None:
+        rooms = "room:" in head.split(" ", 2)[1]
+        last_id = next((line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                        if line.lower().startswith("last-event-id:")), None)
+        writer.write(SSE_HEAD)
+        await asyncio.sleep(0.05)  # so the head and the first bytes come in two reads
+        frames = [encode_retry(1000), encode_comment("hi")]
+        if rooms:
+            frames.append(encode_event("members", '{"room":"lobby","users":["bench"]}'))
+        if last_id:
+            frames += self._replay(last_id, rooms)
+        frames.append(b"id: %s\n\n" % str(EventId(EPOCH, self.seq)).encode())
+        writer.write(chunk(b"".join(frames)))
+        self.streams[writer] = {"rooms": rooms, "fresh": self.seq > 0 and not last_id}
+        await reader.read()  # until the client leaves
+
+    def _publish(self, price: int) -> None:
+        frame = self._numbered("price_update", json.dumps({"symbol": "BENCH", "price": price}), room=False)
+        # every 7th event reaches the wire cut in two chunks, mid-number
+        cut = frame.index(b'"price":') + 9 if self.seq % 7 == 0 else len(frame)
+        data = chunk(frame[:cut]) + (chunk(frame[cut:]) if cut < len(frame) else b"")
+        room = b""
+        if self.seq % 3 == 0:
+            text = json.dumps({"text": f'"symbol":"BENCH","price":{price}'})
+            room = chunk(self._numbered("comment_posted", text, room=True))
+        for stream, info in self.streams.items():
+            copies = {"late_dup": 2, "late_skip": 0}.get(self.flaw, 1) if info["fresh"] else 1
+            info["fresh"] = False
+            stream.write(data * copies + (room if info["rooms"] else b""))
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -161,38 +270,29 @@ class ContractServer:
                                if line.lower().startswith("content-length:")), 0)
                 body = await reader.readexactly(length)
                 if method != "POST":
-                    writer.write(SSE_HEAD)
-                    await asyncio.sleep(0.05)  # so the head and the first bytes come in two reads
-                    writer.write(chunk(encode_retry(1000) + encode_comment("hi")))
-                    self.streams.add(writer)
-                    await reader.read()  # until the client leaves
+                    await self._stream(reader, writer, head)
                     return
                 if f"authorization: bearer {self.token}\r\n" not in head.lower():
                     writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
                     continue
-                self.seq += 1
-                frame = price_event(json.loads(body)["price"])
-                # every 7th event reaches the wire cut in two chunks, mid-number
-                cut = frame.index(b'"price":') + 9 if self.seq % 7 == 0 else len(frame)
-                data = chunk(frame[:cut]) + (chunk(frame[cut:]) if cut < len(frame) else b"")
-                for stream in self.streams:
-                    stream.write(data)
+                self._publish(json.loads(body)["price"])
                 writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
-            self.streams.discard(writer)
+            self.streams.pop(writer, None)
             writer.close()
 
 
 @pytest.fixture
-def server_port():
+def server_port(request):
     loop = asyncio.new_event_loop()
     started = threading.Event()
     state = {}
 
     async def serve() -> None:
-        server = await asyncio.start_server(ContractServer(TOKEN).handle, "127.0.0.1", 0)
+        contract = ContractServer(TOKEN, getattr(request, "param", None))
+        server = await asyncio.start_server(contract.handle, "127.0.0.1", 0)
         state["port"] = server.sockets[0].getsockname()[1]
         state["stop"] = asyncio.Event()
         started.set()
@@ -216,7 +316,7 @@ def server_port():
 def bench_process(port: int, *extra: str) -> subprocess.CompletedProcess:
     argv = ["--port", str(port), "--clients", "20", "--duration", "1", "--warmup", "0.5",
             "--drain", "3", "--settle", "0.2", "--workers", "2", "--json", "--quiet", *extra]
-    return subprocess.run([sys.executable, "-W", "error", "-m", "monkestream.bench", *argv],
+    return subprocess.run([sys.executable, "-W", "error", "-m", "monkestream", "bench", *argv],
                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
 
 
@@ -251,6 +351,53 @@ def test_open_loop_run_keeps_its_rate(server_port):
     assert_lossless(figures)
     assert figures["published_window"] == pytest.approx(200, abs=3)
     assert figures["events_total"] == pytest.approx(300, abs=3)
+
+
+MULTI_TOPIC = "/events?topic=ticker:%s&topic=room:lobby"
+
+
+def assert_exact(figures: dict) -> None:
+    """No stream, initial, late or resumed, lost, repeated or reordered an event."""
+    for key in ("missing_total", "dup_total", "ooo_total", "clients_missing", "streams_dup", "streams_ooo",
+                "late_missing", "late_dup", "late_ooo", "resumed_missing", "resumed_dup", "resumed_ooo",
+                "parse_errors", "bogus_seq"):
+        assert figures[key] == 0, key
+    assert figures["worst_stream"] is None
+    assert figures["drain_complete"]
+
+
+def test_late_and_resumed_streams_on_many_topics_get_every_event_once(server_port):
+    figures = run_bench(server_port, "--stream-path", MULTI_TOPIC, "--late-clients", "6", "--reconnect", "8")
+    assert figures["connected"] == 20 and figures["stream_path"] == MULTI_TOPIC
+    assert figures["late_connected"] == 6 and not figures["late_failures"]
+    assert figures["reconnects"] == figures["resumed"] == figures["resumed_streams"] == 8
+    assert not figures["resume_failures"]
+    assert_exact(figures)
+    # room events and members never count: each initial stream got each price exactly once
+    assert figures["deliveries_total"] > figures["events_total"] * figures["connected"]
+
+
+@pytest.mark.parametrize(
+    "server_port, figure",
+    [("dup", "resumed_dup"), ("skip", "resumed_missing"), ("swap", "resumed_ooo"), ("late_dup", "late_dup"),
+     ("late_skip", "late_missing")],
+    indirect=["server_port"],
+)
+def test_the_bench_catches_a_flawed_server(server_port, figure):
+    figures = run_bench(server_port, "--stream-path", MULTI_TOPIC, "--rate", "300", "--pub-conns", "1",
+                        "--late-clients", "4", "--reconnect", "4", "--drain-idle", "1")
+    streams = figures["late_connected"] if figure.startswith("late") else figures["resumed_streams"]
+    assert streams == 4
+    assert figures[figure] == streams, figures
+    kind = {"dup": "streams_dup", "ooo": "streams_ooo", "missing": "clients_missing"}[figure.split("_")[1]]
+    assert figures[kind] == streams
+    worst = figures["worst_stream"]
+    if figure.startswith("late"):
+        assert worst["stream"].startswith("late ") and worst["cuts"] == 0
+    else:
+        assert worst["stream"].startswith("stream ") and worst["cuts"] == 1
+    others = {"resumed_dup", "resumed_missing", "resumed_ooo", "late_dup", "late_missing", "late_ooo"} - {figure}
+    assert all(figures[key] == 0 for key in others), figures
 
 
 def test_a_refused_publisher_ends_the_run_with_a_hint(server_port):

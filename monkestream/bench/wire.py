@@ -1,6 +1,7 @@
 """What the load generator reads, with no I/O: event streams scanned for prices, HTTP answers, latency histograms.
 
-Kept apart from ``bench`` so that it can be tested byte by byte, like ``http11``.
+Kept apart from the processes that do the I/O so that it can be tested byte by
+byte, like ``http11``.
 """
 
 from __future__ import annotations
@@ -8,15 +9,28 @@ from __future__ import annotations
 import math
 import re
 
-MARKER = b'"price":'
-_PRICE = re.compile(rb'"price":[ \t]*(\d+)(?:\.0*)?(?=[^\d.])')
-
 MAX_HEAD_BYTES = 16 * 1024
 MAX_CHUNK_LINE_BYTES = 1024
 MAX_EVENT_BYTES = 64 * 1024
 
+# One field line of an event frame: its id (the whole line), type and data are kept.
+_FIELDS = rb"(?:(id:[^\n\0]*)\n|event:[ ]?([^\n]*)\n|data:[ ]?([^\n]*)\n|[^\n]+\n)*\n"
+_FRAME = re.compile(_FIELDS)
 
-# ------------------------------------------------------------------ stream scanner (sans-IO)
+
+def _bench_data(symbol: str) -> re.Pattern[bytes]:
+    """Data of a bench event: JSON with ``"symbol": SYMBOL`` and ``"price": SEQ`` (``SEQ.0`` too)."""
+    quoted = re.escape(b'"%s"' % symbol.encode())
+    return re.compile(rb'(?=.*"symbol":[ \t]*' + quoted + rb').*?"price":[ \t]*(\d+)(?:\.0*)?(?![\d.])')
+
+
+def _bench_frames(symbol: str) -> re.Pattern[bytes]:
+    """The frame the servers write for a bench event, whole: id, type, one data line, blank line."""
+    return re.compile(
+        rb'id: ?([^\n\0]*)\nevent: ?price_update\n'
+        rb'data: ?\{"symbol": ?' + re.escape(b'"%s"' % symbol.encode()) +
+        rb', ?"price": ?(\d+)(?:\.0*)?[,}][^\n]*\n\n'
+    )
 
 
 def _chunk_size(line: bytes) -> int:
@@ -31,33 +45,52 @@ def _chunk_size(line: bytes) -> int:
     return size if size >= 0 else -1
 
 
+def id_number(event_id: bytes | None) -> int:
+    """The sequence number in an ``EPOCH-SEQ`` (or plain ``SEQ``) event id; 0 for any other id."""
+    if not event_id:
+        return 0
+    digits = event_id.rpartition(b"-")[2]
+    return int(digits) if digits.isdigit() and len(digits) < 19 else 0
+
+
 class StreamScanner:
-    """Read one ``GET .../event`` response: feed received bytes, get the seqs of whole events.
+    """Read one ``GET`` event-stream response: feed received bytes, get ``(seq, id)`` of each bench event.
 
     Checks the status line and Content-Type, undoes chunked framing when the
-    response says so (close-delimited otherwise), and finds ``"price": N``.
-    ``failure`` is set (and nothing more is read) when the response is not an
-    event stream; ``ended`` when a chunked stream sent its last chunk.
+    response says so (close-delimited otherwise), splits the stream into event
+    frames (LF, CRLF or CR line ends) and counts only the dispatched
+    ``price_update`` frames whose data has ``"symbol": SYMBOL`` and
+    ``"price": SEQ``; other events, comments and retry hints only move the
+    last event id, as they would in a browser. ``last_id`` is that id (None
+    before the first), ``first_id`` the first one seen. ``failure`` is set
+    (and nothing more is read) when the response is not an event stream;
+    ``ended`` when a chunked stream sent its last chunk.
     """
 
-    __slots__ = ("_crlf", "_head", "_left", "_raw", "_tail", "chunked", "ended", "failure", "parse_errors")
+    __slots__ = ("_bench", "_cr", "_crlf", "_fast", "_head", "_left", "_raw", "_tail", "chunked", "ended",
+                 "failure", "first_id", "last_id", "parse_errors")
 
-    def __init__(self) -> None:
+    def __init__(self, symbol: str = "BENCH", last_id: bytes | None = None) -> None:
         self.failure: str | None = None
         self.ended = False
         self.chunked = False
         self.parse_errors = 0
+        self.last_id = last_id
+        self.first_id: bytes | None = None
+        self._fast = _bench_frames(symbol)
+        self._bench = _bench_data(symbol)
         self._head: bytes | None = b""  # None once the head is read
         self._raw = b""  # chunked framing not yet decoded
         self._left = 0  # bytes left in the current chunk
         self._crlf = 0  # bytes of the CRLF after a chunk still to skip
-        self._tail = b""  # payload that may start an unfinished event
+        self._cr = False  # the last payload byte was a CR: an LF next is its line end's second half
+        self._tail = b""  # the frame not yet ended by a blank line
 
     @property
     def streaming(self) -> bool:
         return self._head is None and self.failure is None
 
-    def feed(self, data: bytes) -> list[int]:
+    def feed(self, data: bytes) -> list[tuple[int, bytes | None]]:
         if self.failure is not None or self.ended:
             return []
         if self._head is not None:
@@ -132,21 +165,45 @@ class StreamScanner:
         self._raw = buf[pos:] if self.failure is None and not self.ended else b""
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _scan(self, data: bytes) -> list[int]:
+    def _scan(self, data: bytes) -> list[tuple[int, bytes | None]]:
+        if self._cr and data[:1] == b"\n":
+            data = data[1:]
+        if b"\r" in data:
+            self._cr = data.endswith(b"\r")
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        else:
+            self._cr = False
         buf = self._tail + data if self._tail else data
-        found = _PRICE.findall(buf)
-        tail = b""
-        if len(found) != buf.count(MARKER):
-            last = buf.rfind(MARKER)
-            if _PRICE.match(buf, last) is None:
-                tail = buf[last:]  # its number may go on in the next read
-                if len(tail) > MAX_EVENT_BYTES:
-                    self.parse_errors += 1
-                    tail = b""
-        if not tail and not buf.endswith(b"\n"):
-            tail = buf[1 - len(MARKER) :]  # may hold the start of a marker
-        self._tail = tail
-        return [int(x) for x in found]
+        end = buf.rfind(b"\n\n") + 2
+        if end < 2:
+            self._tail = buf
+            if len(buf) > MAX_EVENT_BYTES:
+                self.parse_errors += 1
+                self._tail = b""
+            return []
+        self._tail = buf[end:]
+        found = self._fast.findall(buf, 0, end)
+        if len(found) == buf.count(b"\n\n", 0, end):  # every frame is a bench event, written the usual way
+            if found:
+                if self.first_id is None:
+                    self.first_id = found[0][0]
+                self.last_id = found[-1][0]
+            return [(int(seq), ident) for ident, seq in found]
+        return self._scan_frames(buf[:end])
+
+    def _scan_frames(self, frames: bytes) -> list[tuple[int, bytes | None]]:
+        """Any frames, field by field: the last id, type and data line of each."""
+        out = []
+        bench, last = self._bench.match, self.last_id
+        for id_line, event, data in _FRAME.findall(frames):
+            if id_line:
+                last = id_line[4:] if id_line[3:4] == b" " else id_line[3:]
+                if self.first_id is None:
+                    self.first_id = last
+            if event == b"price_update" and (m := bench(data)):
+                out.append((int(m[1]), last))
+        self.last_id = last
+        return out
 
 
 # ------------------------------------------------------------------ latency histogram
