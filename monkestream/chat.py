@@ -1,41 +1,49 @@
-"""The chat room: presence, comments and their events, on ``room:NAME`` topics.
+"""The chat rooms: presence, comments, their events on ``room:NAME`` topics, and their routes.
 
 Theory of operation
 -------------------
 Rule 1: presence counts streams per user and room. ``user_joined`` is
-        published when a user's first stream opens, ``user_left`` when their
-        last one closes, so several tabs of one user are one member.
+        published when a user's first stream is attached, ``user_left`` when
+        their last one closes, so several tabs of one user are one member.
 Rule 2: a new stream starts with a ``members`` event listing everyone present
         (itself included), so two users see each other however they arrived.
 Rule 3: comments are written to SQLite before their ``comment_posted`` event
         is published; a deletion is written before ``comment_deleted``.
 Rule 4: the poster gets a deletion key; only its hash is stored. Deleting
         needs that key or the publish token.
+Rule 5: posting is rate-limited per client address; a refused post's
+        ``Retry-After`` is the seconds until its bucket takes one more,
+        rounded up, and at least 1.
+Rule 6: ``Chat`` is handed all it uses (the hub, the store, the limiter, a
+        token check, a stream opener); it knows nothing of the app around it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+from . import params
+from .auth import CHALLENGE
+from .http11 import Request
+from .hub import Hub
 from .jsontext import dumps
 from .ratelimit import RateLimiter
-from .hub import Backlog
-from .server import EventStream, Exchange, HTTPError, Response, json_response
+from .routing import EventStream, Exchange, HTTPError, Response, Router, json_response
 from .sse import encode_event
-from .ticker import InvalidTicker, loads
-
-if TYPE_CHECKING:
-    from .app import App
+from .store import Store
 
 ROOM_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
 USER_RE = re.compile(r"[A-Za-z0-9._-]{1,24}")
 MAX_TEXT_CHARS = 500
 COMMENTS_DEFAULT_LIMIT = 50
+COMMENTS_MAX_LIMIT = 500
+MAX_COMMENT_ID = 2**63 - 1       # SQLite's largest integer
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a lone "\\ud800" in JSON: no UTF-8 can store it
 
@@ -104,116 +112,121 @@ class Presence:
         return sorted(self.rooms.get(room, ()))
 
 
-class Chat:
-    """The chat routes, on top of the app's hub and store."""
+class Membership:
+    """A stream's user in its rooms: joins as the stream is attached, leaves as it ends (Rules 1, 2)."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.hub = app.hub
+    def __init__(self, hub: Hub, presence: Presence, rooms: list[str], user: str) -> None:
+        self.hub = hub
+        self.presence = presence
+        self.rooms = rooms
+        self.user = user
+        self.joined = False
+
+    def attached(self) -> list[bytes]:
+        """Join each room: the ``user_joined`` events this publishes, then a ``members`` event per room."""
+        hub, presence, user = self.hub, self.presence, self.user
+        frames = []
+        for room in self.rooms:  # the stream is not attached yet: it gets these after its backlog
+            if presence.join(room, user):
+                frames.append(hub.publish(room_topic(room), "user_joined", {"room": room, "user": user}).frame)
+        self.joined = True
+        for room in self.rooms:
+            frames.append(encode_event("members", dumps({"room": room, "users": presence.members(room)})))
+        return frames
+
+    def closed(self) -> None:
+        if self.joined:
+            for room in self.rooms:
+                if self.presence.leave(room, self.user):
+                    self.hub.publish(room_topic(room), "user_left", {"room": room, "user": self.user})
+
+
+class Chat:
+    """The chat rooms and their routes, on the hub and the store they are given.
+
+    ``has_token`` tells whether a request carries the publish token (it may
+    delete any comment); ``open_stream`` opens an event stream for a request,
+    with a ``Membership`` present while it lasts.
+    """
+
+    def __init__(self, hub: Hub, store: Store, limiter: RateLimiter, *,
+                 has_token: Callable[[Request], bool],
+                 open_stream: Callable[[Exchange, list[str], Membership | None], EventStream]) -> None:
+        self.hub = hub
+        self.store = store
+        self.limiter = limiter
+        self.has_token = has_token
+        self.open_stream = open_stream
         self.presence = Presence()
-        self.limiter = RateLimiter(app.config.comment_rate, app.config.comment_burst)
         self.comments_posted = 0
         self.comments_deleted = 0
-        add = app.router.add
-        add("GET", "/room/{room}/event", self.room_events)
-        add("GET", "/room/{room}/comments", self.get_comments)
-        add("POST", "/room/{room}/comments", self.post_comment)
-        add("DELETE", "/room/{room}/comments/{comment_id}", self.delete_comment)
+
+    def register(self, router: Router) -> None:
+        add = router.add
+        add("GET", "/room/{room}/event", self.room_events,
+            "the SSE stream of a chat room; ?user=NAME joins its presence")
+        add("GET", "/room/{room}/comments", self.get_comments,
+            f"recent comments, oldest first: ?limit= up to {COMMENTS_MAX_LIMIT} ({COMMENTS_DEFAULT_LIMIT})")
+        add("POST", "/room/{room}/comments", self.post_comment,
+            'post {"user","text"} -> 201 with the comment and its deleteKey')
+        add("DELETE", "/room/{room}/comments/{comment_id}", self.delete_comment,
+            "delete a comment, with X-Delete-Key: KEY or the publish token -> 204")
 
     # -- presence -------------------------------------------------------------
 
-    def stream(self, topics: list[str], user: str | None, base: EventStream) -> EventStream:
-        """Wrap a stream so that its room topics count ``user`` as present."""
+    def membership(self, topics: list[str], user: str | None) -> Membership | None:
+        """What a stream on ``topics`` makes ``user`` present in; None without a user or a room."""
         rooms = [t[len("room:"):] for t in topics if t.startswith("room:")]
         if user is None or not rooms:
-            return base
-        inner = base.prepare
-        hub = self.hub
-        joined = False
-
-        async def prepare() -> Callable[[], Backlog]:
-            build = await inner() if inner is not None else None
-
-            def start() -> Backlog:
-                nonlocal joined
-                backlog = build() if build is not None else Backlog([])
-                if not backlog.complete:
-                    return backlog  # closed at once: it never joins
-                frames = list(backlog.frames)
-                for room in rooms:  # the newest events: after the backlog, before the position
-                    if self.presence.join(room, user):
-                        frames.append(hub.publish(room_topic(room), "user_joined", {"room": room, "user": user}).frame)
-                joined = True
-                for room in rooms:
-                    frames.append(encode_event("members", dumps({"room": room, "users": self.presence.members(room)})))
-                return Backlog(frames)
-            return start
-
-        def on_close() -> None:
-            if base.on_close is not None:
-                base.on_close()
-            if joined:
-                for room in rooms:
-                    if self.presence.leave(room, user):
-                        hub.publish(room_topic(room), "user_left", {"room": room, "user": user})
-
-        return EventStream(topics, prepare, on_close)
+            return None
+        return Membership(self.hub, self.presence, rooms, user)
 
     def room_events(self, ex: Exchange) -> EventStream:
         room = parse_room(ex.params["room"])
-        user = ex.request.query_params().get("user")
-        name = parse_user(user[-1]) if user else None
+        user = params.one(ex.request.query_params(), "user")
+        name = parse_user(user) if user is not None else None
         topics = [room_topic(room)]
-        return self.stream(topics, name, self.app.open_stream(ex, topics))
+        return self.open_stream(ex, topics, self.membership(topics, name))
 
     # -- comments -------------------------------------------------------------
 
     async def get_comments(self, ex: Exchange) -> Response:
         room = parse_room(ex.params["room"])
-        params = ex.request.query_params()
-        text = (params.get("limit") or [str(COMMENTS_DEFAULT_LIMIT)])[-1]
-        if not (text.isascii() and text.isdigit()) or len(text) > 3 or not 1 <= int(text) <= 500:
-            raise HTTPError(400, "limit: must be an integer from 1 to 500")
-        comments = await self.app.store.comments(room, int(text))
+        limit = params.int_param(ex.request.query_params(), "limit", COMMENTS_DEFAULT_LIMIT, 1, COMMENTS_MAX_LIMIT)
+        comments = await self.store.comments(room, limit or COMMENTS_DEFAULT_LIMIT)
         return json_response({"room": room, "comments": [c.to_dict() for c in comments]})
 
     async def post_comment(self, ex: Exchange) -> Response:
         room = parse_room(ex.params["room"])
-        try:
-            body = loads(ex.request.body)
-        except InvalidTicker as exc:
-            raise HTTPError(400, str(exc)) from None
+        body = params.json_body(ex)
         if not isinstance(body, dict):
             raise HTTPError(400, "body: must be a JSON object with user and text")
         user = parse_user(body.get("user"))
         text = parse_text(body.get("text"))
         if not self.limiter.allow(ex.client):
-            raise HTTPError(429, "too many comments; slow down", [("Retry-After", "1")])
+            wait_s = max(1, math.ceil(self.limiter.retry_after(ex.client)))
+            raise HTTPError(429, "too many comments; slow down", [("Retry-After", str(wait_s))])
         key = secrets.token_urlsafe(18)
-        comment = await self.app.store.add_comment(room, user, text, int(time.time()), _key_hash(key))
+        comment = await self.store.add_comment(room, user, text, int(time.time()), _key_hash(key))
         self.comments_posted += 1
-        self.app.hub.publish(room_topic(room), "comment_posted", comment.to_dict())
+        self.hub.publish(room_topic(room), "comment_posted", comment.to_dict())
         return json_response({**comment.to_dict(), "deleteKey": key}, 201)
 
     async def delete_comment(self, ex: Exchange) -> Response:
         room = parse_room(ex.params["room"])
-        raw_id = ex.params["comment_id"]
-        if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 18:
-            raise HTTPError(400, "id: must be a positive integer")
-        comment_id = int(raw_id)
+        comment_id = params.integer(ex.params["comment_id"], "id", 0, MAX_COMMENT_ID)
         request = ex.request
-        key = request.header("x-delete-key") or (request.query_params().get("key") or [None])[-1]
-        if not self.app.has_token(request):
-            stored = await self.app.store.comment_key(room, comment_id)
+        key = request.header("x-delete-key") or params.one(request.query_params(), "key")
+        if not self.has_token(request):
+            stored = await self.store.comment_key(room, comment_id)
             if stored is None:
                 raise HTTPError(404, "no such comment")
             if key is None:
-                raise HTTPError(401, "the deletion key (X-Delete-Key) or the publish token is required",
-                                [("WWW-Authenticate", 'Bearer realm="monkestream"')])
+                raise HTTPError(401, "the deletion key (X-Delete-Key) or the publish token is required", [CHALLENGE])
             if not hmac.compare_digest(_key_hash(key), stored):
                 raise HTTPError(403, "the deletion key does not match")
-        if not await self.app.store.delete_comment(room, comment_id):
+        if not await self.store.delete_comment(room, comment_id):
             raise HTTPError(404, "no such comment")
         self.comments_deleted += 1
-        self.app.hub.publish(room_topic(room), "comment_deleted", {"id": comment_id, "room": room})
+        self.hub.publish(room_topic(room), "comment_deleted", {"id": comment_id, "room": room})
         return Response(204)

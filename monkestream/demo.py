@@ -1,6 +1,6 @@
 """The demo feed: a few coins on random walks, so a fresh server has prices to stream.
 
-Each coin publishes on its own jittered ~5 s interval through ``App.ingest``,
+Each coin publishes on its own jittered ~5 s interval through ``Ingest.publish``,
 the same entry point as HTTP ingest. It runs on timer callbacks: no task.
 """
 

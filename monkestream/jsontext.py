@@ -1,14 +1,17 @@
 """JSON out, the one encoder: compact, ASCII, no NaN, and ``Decimal`` values as exact JSON numbers.
 
 Every JSON text monkestream writes (responses, errors, event data) comes from
-``dumps``, so no path can emit NaN or Infinity, which JSON does not have.
+this module: ``dumps`` for any value, so no path can emit NaN or Infinity,
+which JSON does not have; and, for the one hot path that cannot afford it (a
+ticker per published price), ``object_template`` and ``string``, with
+``array`` to join texts already made.
 """
 
 from __future__ import annotations
 
 import json
 from decimal import Decimal
-from typing import Any
+from typing import Any, Iterable
 
 _encode_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
@@ -42,5 +45,24 @@ def _exact(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ",".join(_encode_str(str(k)) + ":" + _exact(v) for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_exact(v) for v in value) + "]"
+        return array(_exact(v) for v in value)
     return _plain(value)
+
+
+def string(text: str) -> str:
+    """``text`` as a JSON string, escaped to ASCII as ``dumps`` escapes it."""
+    return _encode_str(text)
+
+
+def object_template(*keys: str) -> str:
+    """A ``%`` template for a JSON object with these keys, in order.
+
+    Fill it with a tuple of each value's JSON text: ``string(text)``, an
+    ``int``, or decimal text already in canonical form (an exact number).
+    """
+    return "{" + ",".join(_encode_str(key) + ":%s" for key in keys) + "}"
+
+
+def array(texts: Iterable[str]) -> str:
+    """A JSON array of values already encoded here."""
+    return "[" + ",".join(texts) + "]"

@@ -1,4 +1,4 @@
-"""The HTTP/1.1 server: one ``asyncio.Protocol`` per connection, a router, and event streams.
+"""The HTTP/1.1 server: one ``asyncio.Protocol`` per connection, answering through the router, and event streams.
 
 Theory of operation
 -------------------
@@ -17,6 +17,12 @@ Rule 3: an event stream costs no task and no timer of its own: the hub writes
 Rule 4: every connection is bounded in time: a request's head and body must
         arrive within the header timeout (else 408), and an idle keep-alive
         connection closes after its timeout.
+Rule 5: one clock. Every time the server reads and every timer it sets (the
+        tick, connection timeouts, the shutdown grace) go through its
+        ``Scheduler``, the hub's unless told otherwise, so the hub's
+        ``paused_at`` and ``last_publish`` compare with the server's own times
+        and tests run all of it on virtual time. (The TLS handshake timeout is
+        asyncio's own; the ``Date`` header reads the wall clock.)
 """
 
 from __future__ import annotations
@@ -26,18 +32,17 @@ import email.utils
 import heapq
 import logging
 import random
-import re
 import time
 import weakref
-from dataclasses import dataclass, field
-from urllib.parse import unquote
-from typing import Any, Awaitable, Callable, Iterable, Union, cast
+from typing import Any, Awaitable, Callable, Iterable, cast
 
 from . import http11
+from .clock import Handle, Scheduler
 from .config import Config
 from .errors import ProtocolError
-from .hub import Backlog, CloseReason, Hub, Stream
+from .hub import CloseReason, Hub, Stream
 from .jsontext import dumps
+from .routing import EventStream, Exchange, HTTPError, Response, Result, Router, raw_path
 from .sse import encode_comment, encode_retry
 
 log = logging.getLogger("monkestream")
@@ -45,6 +50,7 @@ log = logging.getLogger("monkestream")
 TICK_S = 0.5                 # the shared timer's longest period (heartbeats, stalls, max age)
 MAX_STREAM_INPUT_BYTES = 64 * 1024   # what a streaming client may send before it is cut off
 SHUTDOWN_GRACE_S = 5.0
+CLOSE_WAIT_S = 1.0           # for the listening socket to close, once every connection is closed
 CATCH_UP_RETRY_MS = (100, 500)   # the reconnection hint for a stream closed with part of its backlog
 
 SSE_HEADERS = (
@@ -53,92 +59,8 @@ SSE_HEADERS = (
     ("Connection", "keep-alive"),
 )
 HEARTBEAT = encode_comment()
-
-
-class HTTPError(Exception):
-    """Answer the request with ``status`` and ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = list(headers)
-
-
-@dataclass(slots=True)
-class Response:
-    status: int = 200
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: list[tuple[str, str]] = field(default_factory=list)
-
-
-def json_response(value: Any, status: int = 200, headers: Iterable[tuple[str, str]] = ()) -> Response:
-    return Response(status, dumps(value).encode(), "application/json", list(headers))
-
-
-@dataclass(slots=True)
-class EventStream:
-    """What a handler returns to open an event stream on its connection.
-
-    ``prepare`` runs after the response head is sent and does whatever must
-    be awaited (SQLite reads); it returns ``start``, which the hub calls in
-    the step that attaches the stream to build its backlog (hub Rule 3), so
-    nothing published in between is missed or sent twice. ``on_close`` runs
-    once, whatever ends the stream.
-    """
-
-    topics: list[str]
-    prepare: Callable[[], Awaitable[Callable[[], Backlog]]] | None = None
-    on_close: Callable[[], object] | None = None
-
-
-Result = Union[Response, EventStream]
-Handler = Callable[["Exchange"], Union[Result, Awaitable[Result]]]
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One request, its path parameters and who sent it."""
-
-    request: http11.Request
-    params: dict[str, str]
-    client: str
-
-
-class Router:
-    """Method + path pattern → handler; ``{name}`` matches one non-empty path segment."""
-
-    def __init__(self) -> None:
-        self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
-
-    def add(self, method: str, pattern: str, handler: Handler) -> None:
-        regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
-        for existing, methods in self._routes:
-            if existing.pattern == regex.pattern:
-                methods[method] = handler
-                return
-        self._routes.append((regex, {method: handler}))
-
-    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
-        for regex, methods in self._routes:
-            m = regex.match(path)
-            if m is None:
-                continue
-            handler = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
-            if handler is None:
-                allow = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()) | {"OPTIONS"}))
-                raise HTTPError(405, f"method {method} is not allowed here", [("Allow", allow)])
-            return handler, {name: unquote(value, errors="strict") for name, value in m.groupdict().items()}
-        raise HTTPError(404, "no such resource")
-
-
-def _raw_path(target: str) -> str:
-    """The still-encoded path of a request-target, absolute-form reduced as http11 does (RFC 9112 §3.2.2)."""
-    path = target.partition("?")[0]
-    if path.startswith("/") or path == "*":
-        return path
-    return "/" + path.partition("://")[2].partition("/")[2]
+CORS_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 
 
 class _Clock:
@@ -157,12 +79,19 @@ class _Clock:
 
 
 class Server:
-    """Listens, answers requests through the router, and keeps the streams."""
+    """Listens, answers requests through the router, and keeps the streams.
 
-    def __init__(self, config: Config, hub: Hub, router: Router) -> None:
+    ``scheduler`` is the clock and timers (Rule 5), the hub's by default;
+    ``rng`` the jitter of reconnection hints and maximum ages.
+    """
+
+    def __init__(self, config: Config, hub: Hub, router: Router, *,
+                 scheduler: Scheduler | None = None, rng: random.Random | None = None) -> None:
         self.config = config
         self.hub = hub
         self.router = router
+        self.scheduler: Scheduler = scheduler if scheduler is not None else hub.scheduler
+        self.rng = rng if rng is not None else random.Random()
         self.connections: set[Connection] = set()
         self.connections_total = 0
         self.streams: set[Connection] = set()
@@ -171,7 +100,7 @@ class Server:
         self.errors = 0
         self.accepting = False
         self._server: asyncio.AbstractServer | None = None
-        self._tick: asyncio.TimerHandle | None = None
+        self._tick: Handle | None = None
         self._last_heartbeat = 0.0
         self.paused: set[Connection] = set()   # streams whose transport is full
         self._deadlines: list[tuple[float, int, weakref.ref[Connection]]] = []  # max age, lazily pruned
@@ -179,6 +108,7 @@ class Server:
         self._clock = _Clock()
         self._origins = config.allowed_origins
         self.ssl_context: Any = None
+        router.describe("OPTIONS", "*", f"CORS preflight, on any path (allowed: {CORS_HEADERS})")
 
     # -- life cycle -----------------------------------------------------------
 
@@ -189,8 +119,8 @@ class Server:
             backlog=4096, reuse_address=True, ssl=self.ssl_context,
             ssl_handshake_timeout=self.config.header_timeout if self.ssl_context is not None else None)
         self.accepting = True
-        self._last_heartbeat = loop.time()
-        self._tick = loop.call_later(self._tick_s, self._on_tick)
+        self._last_heartbeat = self.scheduler.now()
+        self._tick = self.scheduler.call_later(self._tick_s, self._on_tick)
 
     @property
     def port(self) -> int:
@@ -205,26 +135,31 @@ class Server:
         if self._tick is not None:
             self._tick.cancel()
         self.hub.close_all_streams(CloseReason.SHUTDOWN)
-        deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        scheduler = self.scheduler
+        deadline = scheduler.now() + SHUTDOWN_GRACE_S
+        while any(c.busy for c in self.connections) and scheduler.now() < deadline:
+            await scheduler.sleep(0.01)
         for conn in list(self.connections):
             conn.close()
         if self._server is not None:
-            try:
-                await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
-            except asyncio.TimeoutError:
-                pass
+            closed = asyncio.ensure_future(self._server.wait_closed())
+            timer = scheduler.call_later(CLOSE_WAIT_S, closed.cancel)
+            await asyncio.wait([closed])
+            timer.cancel()
 
     # -- the shared tick: heartbeats, stalled streams, maximum age -------------
 
     def _on_tick(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        mono = time.monotonic()
+        """Run a heartbeat round once ``heartbeat`` has passed since the last; close stalled and aged streams.
+
+        A round sends a comment line to every stream that is not paused and
+        that opened, and last had an event of its topics, more than
+        ``heartbeat`` seconds before it.
+        """
+        now = self.scheduler.now()
         config = self.config
         if now - self._last_heartbeat >= config.heartbeat:
-            quiet_since = mono - config.heartbeat
+            quiet_since = now - config.heartbeat
             for conn in list(self.streams):
                 stream = conn.stream
                 if stream is None or stream.paused:
@@ -235,14 +170,14 @@ class Server:
             self._last_heartbeat = now
         for conn in list(self.paused):
             stream = conn.stream
-            if stream is not None and stream.paused and mono - stream.paused_at > config.stall_timeout:
+            if stream is not None and stream.paused and now - stream.paused_at > config.stall_timeout:
                 self.hub.close_stream(stream, CloseReason.PEER_GONE)
         deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= mono:
+        while deadlines and deadlines[0][0] <= now:
             conn = heapq.heappop(deadlines)[2]()
             if conn is not None and conn.stream is not None:
                 self.hub.close_stream(conn.stream, CloseReason.MAX_AGE)
-        self._tick = loop.call_later(self._tick_s, self._on_tick)
+        self._tick = self.scheduler.call_later(self._tick_s, self._on_tick)
 
     # -- helpers for connections -----------------------------------------------
 
@@ -286,7 +221,7 @@ class Server:
         if not self.accepting:
             raise HTTPError(503, "the server is shutting down", [("Retry-After", "1")])
         if len(self.streams) >= self.config.max_streams:
-            raise HTTPError(503, "too many open streams", [("Retry-After", str(random.randint(1, 5)))])
+            raise HTTPError(503, "too many open streams", [("Retry-After", str(self.rng.randint(1, 5)))])
         per_client = self.config.max_streams_per_client
         if per_client and self.streams_by_client.get(client, 0) >= per_client:
             raise HTTPError(429, "too many open streams from this address", [("Retry-After", "5")])
@@ -295,8 +230,8 @@ class Server:
         self.streams.add(conn)
         self.streams_by_client[conn.client] = self.streams_by_client.get(conn.client, 0) + 1
         if self.config.max_stream_age > 0:
-            age = self.config.max_stream_age * random.uniform(0.8, 1.0)
-            heapq.heappush(self._deadlines, (time.monotonic() + age, id(conn), weakref.ref(conn)))
+            age = self.config.max_stream_age * self.rng.uniform(0.8, 1.0)
+            heapq.heappush(self._deadlines, (self.scheduler.now() + age, id(conn), weakref.ref(conn)))
 
     def stream_closed(self, conn: Connection) -> None:
         self.paused.discard(conn)
@@ -326,7 +261,7 @@ class Connection(asyncio.Protocol):
         self.stream: Stream | None = None
         self.stream_started = 0.0
         self.chunked = True
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Handle | None = None
         self._task: asyncio.Task[None] | None = None
         self._reading_paused = False
         self._on_close: Callable[[], object] | None = None
@@ -403,7 +338,7 @@ class Connection(asyncio.Protocol):
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
         self._disarm()
         self._awaiting_head = False
-        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+        self._timer = self.server.scheduler.call_later(delay, callback)
 
     def _disarm(self) -> None:
         self._awaiting_head = False
@@ -454,7 +389,7 @@ class Connection(asyncio.Protocol):
             self._preflight(request)
             return
         try:
-            handler, params = server.router.match(request.method, _raw_path(request.target))
+            handler, params = server.router.match(request.method, raw_path(request.target))
             result = handler(Exchange(request, params, self.client))
         except Exception as exc:  # noqa: BLE001 - translated to a response in one place
             self._answer(request, exc)
@@ -513,11 +448,11 @@ class Connection(asyncio.Protocol):
 
     def _preflight(self, request: http11.Request) -> None:
         server = self.server
-        headers = [("Allow", "GET, HEAD, POST, DELETE, OPTIONS")]
+        headers = [("Allow", CORS_METHODS)]
         if server.cors_origin(request) is not None:
             headers += [
-                ("Access-Control-Allow-Methods", "GET, HEAD, POST, DELETE, OPTIONS"),
-                ("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID"),
+                ("Access-Control-Allow-Methods", CORS_METHODS),
+                ("Access-Control-Allow-Headers", CORS_HEADERS),
                 ("Access-Control-Max-Age", "86400"),
             ]
         keep_alive = request.keep_alive and server.accepting
@@ -555,8 +490,8 @@ class Connection(asyncio.Protocol):
         self._on_close = spec.on_close
         self.busy = True
         server.stream_opened(self)
-        self.stream_started = time.monotonic()
-        retry_ms = int(server.config.retry_ms * random.uniform(1.0, 1.5))
+        self.stream_started = server.scheduler.now()
+        retry_ms = int(server.config.retry_ms * server.rng.uniform(1.0, 1.5))
         self.send(encode_retry(retry_ms))
         self._task = asyncio.ensure_future(self._go_live(spec))
 
@@ -608,7 +543,7 @@ class Connection(asyncio.Protocol):
         log.debug("stream from %s closed: %s", self.client, reason.value)
         self._stream_ended()
         if reason is CloseReason.CATCH_UP:  # the rest of its backlog is owed at once
-            self.send(encode_retry(random.randint(*CATCH_UP_RETRY_MS)))
+            self.send(encode_retry(self.server.rng.randint(*CATCH_UP_RETRY_MS)))
         if reason is not CloseReason.CLIENT and self.transport is not None and not self.closing:
             if self.chunked:
                 self.transport.write(http11.LAST_CHUNK)
@@ -634,5 +569,4 @@ class Connection(asyncio.Protocol):
             if self.transport.get_write_buffer_size():
                 # close() waits for the buffer to drain: a peer that stopped reading
                 # would keep the socket and its buffer forever
-                self._timer = asyncio.get_running_loop().call_later(
-                    self.server.config.stall_timeout, self.transport.abort)
+                self._timer = self.server.scheduler.call_later(self.server.config.stall_timeout, self.transport.abort)

@@ -18,7 +18,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .server import Exchange, HTTPError, Response
+from .routing import Exchange, HTTPError, Response, Router
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 INDEX = "index.html"
@@ -101,6 +101,10 @@ class StaticFiles:
     def __init__(self, directory: Path = STATIC_DIR) -> None:
         self.files = {path.name: load_file(path) for path in sorted(directory.iterdir())
                       if path.is_file() and not path.name.startswith(".")}
+
+    def register(self, router: Router) -> None:
+        router.add("GET", "/", self.serve, "the live page")
+        router.add("GET", "/static/{name}", self.serve, "the page's files (ETag, 304, gzip)")
 
     def serve(self, ex: Exchange) -> Response:
         """Answer ``GET /`` (the page) and ``GET /static/{name}``."""

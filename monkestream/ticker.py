@@ -1,4 +1,4 @@
-"""Tickers: validating what feeders send, and the one JSON form clients receive.
+"""Tickers: validating what feeders send, the one JSON form clients receive, and their topics.
 
 Prices stay exact from end to end: JSON numbers are read as ``Decimal``, kept as
 their canonical decimal text, written to SQLite as TEXT and to clients as a
@@ -14,11 +14,14 @@ from decimal import Context, Decimal, InvalidOperation
 from functools import partial
 from typing import Any, Callable, NamedTuple
 
+from .jsontext import object_template, string
+
 SYMBOL_RE = re.compile(r"[A-Za-z0-9._-]{1,20}")
 CURRENCY_RE = re.compile(r"[A-Za-z]{3,8}")
 MAX_PRICE_DIGITS = 40          # significant digits kept
 MAX_PRICE_EXPONENT = 30        # 1e30 > any price; 1e-30 < any tick size
 MAX_BULK_TICKERS = 10000
+TOPIC_PREFIX = "ticker:"
 _EXACT = Context(prec=MAX_PRICE_DIGITS + 1)  # normalize() without rounding any accepted price
 # ASCII digits and spaces only: Decimal() would also take "١٢" or full-width digits
 _PLAIN_DECIMAL = re.compile(r"([0-9]{1,20})(?:\.([0-9]{0,20}))?")
@@ -27,6 +30,9 @@ MEMO_ENTRIES = 4096            # validated symbols and currencies remembered
 _symbols: dict[str, str] = {}
 _currencies: dict[str, str] = {}
 _DECIMAL_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,4})?\s*", re.ASCII)
+
+
+_TICKER_JSON = object_template("symbol", "price", "currency", "createdAt")
 
 
 class InvalidTicker(ValueError):
@@ -47,9 +53,7 @@ class Ticker(NamedTuple):
     created_at: int     # unix seconds
 
     def to_json(self) -> str:
-        # every field is validated to a JSON-safe alphabet, so no escaping is needed
-        return (f'{{"symbol":"{self.symbol}","price":{self.price},'
-                f'"currency":"{self.currency}","createdAt":{self.created_at}}}')
+        return _TICKER_JSON % (string(self.symbol), self.price, string(self.currency), self.created_at)
 
     def to_dict(self) -> dict[str, Any]:
         return {"symbol": self.symbol, "price": Decimal(self.price),
@@ -152,6 +156,32 @@ def parse_ticker(body: Any, symbol: str | None = None, now: float | None = None)
         raise InvalidTicker("price", "is required")
     return _new_ticker((parse_symbol(symbol), parse_price(body["price"]),
                         parse_currency(body.get("currency")), int(time.time() if now is None else now)))
+
+
+def parse_tickers(body: Any, now: float | None = None) -> list[Ticker]:
+    """Validate a bulk publish: an array of at most ``MAX_BULK_TICKERS`` tickers, each with its symbol."""
+    if not isinstance(body, list):
+        raise InvalidTicker("body", "must be a JSON array of tickers", 400)
+    if len(body) > MAX_BULK_TICKERS:
+        raise InvalidTicker("body", f"holds more than {MAX_BULK_TICKERS} tickers", 413)
+    now = time.time() if now is None else now
+    tickers = []
+    for i, item in enumerate(body):
+        try:
+            tickers.append(parse_ticker(item, now=now))
+        except InvalidTicker as exc:
+            raise InvalidTicker(f"[{i}].{exc.field}", str(exc).split(": ", 1)[1], exc.status) from None
+    return tickers
+
+
+def ticker_topic(symbol: str) -> str:
+    """The hub topic carrying a symbol's prices."""
+    return TOPIC_PREFIX + symbol
+
+
+def topic_symbol(topic: str) -> str | None:
+    """The symbol whose prices ``topic`` carries; None for any other topic."""
+    return topic[len(TOPIC_PREFIX):] if topic.startswith(TOPIC_PREFIX) else None
 
 
 def _reject_constant(name: str) -> Any:

@@ -384,7 +384,7 @@ def test_replay_rule_3_a_long_resume_comes_in_parts_each_within_the_budget(tmp_p
     budget = 16384
     with AppThread(tmp_path / "s.db", flush_interval=0.05, replay_events=8, stream_buffer=budget) as s:
         with SSEClient(s.port, "/ticker/GAP/event") as first:
-            first.wait_for(0)
+            wait_until(lambda: first.pump(0.05) or first.parser.last_event_id)  # its position frame
             start = first.parser.last_event_id
         publish(s.port, "GAP", *range(1, 1001))   # about 100 kB of frames: several budgets
         wait_until(lambda: healthz(s.port)["unpersisted"] == 0)

@@ -1,0 +1,113 @@
+"""Opening event streams: where a stream resumes, the topic limit, and ``GET /events``.
+
+Theory of operation
+-------------------
+Rule 1: a stream resumes after the request's ``Last-Event-ID`` header, or
+        its ``lastEventId`` query parameter on a first connection. With
+        neither, it starts where the hub stands as its response head goes
+        out, so whatever is published before it is attached is replayed to it.
+Rule 2: opening a stream never takes the hub past its topic limit (503).
+Rule 3: a ``Member`` is someone a stream makes present (a chat user in its
+        rooms). ``attached()`` runs in the step that attaches the stream, and
+        only when it is attached (its backlog was complete); the frames it
+        returns follow the backlog. ``closed()`` runs once the stream ends,
+        whatever ended it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from .chat import parse_room, parse_user, room_topic
+from .hub import Backlog, Hub
+from .ingest import TOPICS_RETRY_S
+from .params import one
+from .replay import Replayer
+from .routing import EventStream, Exchange, HTTPError, Router
+from .ticker import InvalidTicker, parse_symbol, ticker_topic
+
+MAX_STREAM_TOPICS = 32
+TOPIC_KINDS = ("ticker", "room")
+
+
+class Member(Protocol):
+    """Someone a stream makes present somewhere, told when it is attached and when it ends (Rule 3)."""
+
+    def attached(self) -> list[bytes]:
+        """The stream is being attached: the frames it gets after its backlog (this may publish)."""
+
+    def closed(self) -> object:
+        """The stream ended."""
+
+
+class StreamOpener:
+    """Builds the ``EventStream`` a handler returns, resuming it from the hub's rings and SQLite."""
+
+    def __init__(self, hub: Hub, replayer: Replayer, *, max_topics: int) -> None:
+        self.hub = hub
+        self.replayer = replayer
+        self.max_topics = max_topics
+
+    def __call__(self, ex: Exchange, topics: list[str], member: Member | None = None) -> EventStream:
+        """An event stream on ``topics`` for this request (Rules 1 and 2), with ``member`` present while it lasts."""
+        last_id = ex.request.header("last-event-id")
+        if last_id is None:
+            last_id = one(ex.request.query_params(), "lastEventId")
+        hub = self.hub
+        new = [t for t in topics if t not in hub.topics]
+        if new and len(hub.topics) + len(new) > self.max_topics:
+            raise HTTPError(503, "too many topics", [("Retry-After", str(TOPICS_RETRY_S))])
+        position = last_id or str(hub.last_id())
+        replayer = self.replayer
+        if member is None:
+            return EventStream(topics, lambda: replayer.prepare(topics, position))
+
+        async def prepare() -> Callable[[], Backlog]:
+            build = await replayer.prepare(topics, position)
+
+            def start() -> Backlog:
+                backlog = build()
+                if not backlog.complete:
+                    return backlog  # closed at once: never attached
+                return Backlog([*backlog.frames, *member.attached()])
+            return start
+
+        return EventStream(topics, prepare, member.closed)
+
+
+class TopicStreams:
+    """``GET /events``: several topics, symbols and rooms, on one stream."""
+
+    def __init__(self, open_stream: StreamOpener,
+                 membership: Callable[[list[str], str | None], Member | None]) -> None:
+        self.open_stream = open_stream
+        self.membership = membership   # who a stream on these topics makes present, for this user
+
+    def register(self, router: Router) -> None:
+        router.add("GET", "/events", self.events,
+                   f"several topics on one stream: ?topic=ticker:DOGE&topic=room:lobby (up to {MAX_STREAM_TOPICS});"
+                   " &user=NAME joins the rooms' presence")
+
+    def events(self, ex: Exchange) -> EventStream:
+        query = ex.request.query_params()
+        topics = list(dict.fromkeys(query.get("topic", [])))
+        if not topics:
+            raise HTTPError(400, "topic: give at least one, e.g. ?topic=ticker:DOGE")
+        if len(topics) > MAX_STREAM_TOPICS:
+            raise HTTPError(400, f"topic: at most {MAX_STREAM_TOPICS} per stream")
+        checked = [_check_topic(t) for t in topics]
+        user = one(query, "user")
+        member = self.membership(checked, parse_user(user) if user is not None else None)
+        return self.open_stream(ex, checked, member)
+
+
+def _check_topic(topic: str) -> str:
+    kind, _, name = topic.partition(":")
+    if kind == "ticker":
+        try:
+            return ticker_topic(parse_symbol(name))
+        except InvalidTicker:
+            raise HTTPError(400, f"topic: {topic!r} has an invalid symbol") from None
+    if kind == "room":
+        return room_topic(parse_room(name))
+    raise HTTPError(400, f"topic: {topic!r} must start with one of {', '.join(k + ':' for k in TOPIC_KINDS)}")
