@@ -18,6 +18,11 @@ each step every stream is checked against the log of what was published:
   the stream is still paused or closed; or an event of a topic the stream was
   told to reset, from before its position.
 
+A sink's bytes count as unsent only while its stream is paused, as a
+transport pauses a stream past its high-water mark; the other way a slow
+reader is conflated, a bulk batch larger than a stream's headroom, is
+``test_hub.py``'s ``test_a_big_batch_skips_streams_that_are_behind``.
+
 ``HYPOTHESIS_PROFILE=long`` runs many more and longer interleavings.
 """
 
@@ -275,8 +280,8 @@ class DeliveryMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 1000))
     def overflow(self, i: int) -> None:
         client = self._live()[i % len(self._live())]
-        client.sink.backlog = CAP + 1   # its reader stopped: the transport pauses it
-        self.hub.pause(client.stream)
+        self.hub.pause(client.stream)   # its reader stopped: the transport pauses it,
+        client.sink.backlog = CAP + 1   # and the next lossless write passes its cap
 
     @precondition(lambda self: self._live())
     @rule(i=st.integers(0, 1000))
