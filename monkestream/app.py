@@ -80,7 +80,7 @@ class App:
         self.tickers = TickerRoutes(self.ingest, self.store, self.charts,
                                     authorize=token.require, open_stream=open_stream)
         monitor = Monitor(config=config, hub=self.hub, server=self.server, store=self.store, ingest=self.ingest,
-                          tickers=self.tickers, chat=self.chat)
+                          tickers=self.tickers, chat=self.chat, replayer=replayer)
         for routes in (StaticFiles(), self.tickers, TopicStreams(open_stream, self.chat.membership),
                        self.chat, monitor):
             routes.register(self.router)

@@ -15,6 +15,7 @@ from .chat import Chat
 from .config import Config
 from .hub import Hub
 from .ingest import Ingest
+from .replay import Replayer
 from .routing import Exchange, Response, Router, json_response
 from .server import Server
 from .store import Store
@@ -42,6 +43,7 @@ class Monitor:
     ingest: Ingest
     tickers: TickerRoutes
     chat: Chat
+    replayer: Replayer
     started_at: float = field(default_factory=time.time)
 
     def register(self, router: Router) -> None:
@@ -101,6 +103,11 @@ class Monitor:
                        [("", hub.conflated)])
         out += _family("monkestream_streams_closed_total", "counter", "Streams closed, by reason.",
                        [(f'{{reason="{r.value}"}}', n) for r, n in hub.closed_by_reason.items()])
+        out += _family("monkestream_replay_sqlite_reads_total", "counter",
+                       "Resumes that read their gap from SQLite (one read for all of a stream's tickers).",
+                       [("", self.replayer.sqlite_reads)])
+        out += _family("monkestream_replay_partial_total", "counter",
+                       "Backlogs larger than a stream's budget, sent in parts.", [("", self.replayer.partial)])
         out += _family("monkestream_sqlite_batches_total", "counter", "SQLite windows written.",
                        [("", store.batches_written)])
         out += _family("monkestream_sqlite_rows_total", "counter", "Tickers written to SQLite.",

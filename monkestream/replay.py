@@ -11,7 +11,10 @@ Rule 2: every SQLite read happens first (``prepare``: one call on the reader
         synchronous step from the rings as they stand, and the hub attaches
         the stream in that same step (hub Rule 3), so nothing published
         meanwhile is lost or sent twice.
-Rule 3: a backlog has a budget in bytes. Events go in id order while they
+Rule 3: the id that ended the previous run (it ended cleanly) stands for
+        the start of this run, so the reconnect storm after a restart, where
+        every live client holds that id, costs no SQLite read.
+Rule 4: a backlog has a budget in bytes. Events go in id order while they
         fit; past it the backlog is partial: the stream gets what fits and is
         closed, and its client resumes from the last id it got. So a stream's
         memory never passes its budget, and every event still arrives once,
@@ -54,6 +57,7 @@ class Replayer:
         self._stored_symbol = stored_symbol   # the SQLite symbol behind a topic, None if SQLite keeps none
         self.budget_bytes = budget_bytes
         self.partial = 0                      # backlogs cut at the budget (metrics)
+        self.sqlite_reads = 0
 
     async def prepare(self, topics: list[str], last_id: str) -> Callable[[], Backlog]:
         """Read from SQLite what the rings cannot give; return the step that builds the backlog.
@@ -63,6 +67,8 @@ class Replayer:
         after = EventId.parse(last_id)
         if after is None:
             return lambda: self._build(topics, last_id, None, {})
+        if self.store.ends_previous_run(after):  # a restart seen to its end: no SQLite read is needed
+            after = EventId(self.hub.epoch, 0)
         stored: dict[str, Stored | None] = {}   # None: too far behind for SQLite to replay
         for _attempt in range(PREPARE_ATTEMPTS):
             needed = [t for t in topics if self._needs_read(t, after, stored)]
@@ -82,6 +88,7 @@ class Replayer:
     async def _read(self, topics: list[str], after: EventId) -> dict[str, Stored | None]:
         limit = self.budget_bytes // MIN_FRAME_BYTES + 1
         symbols = {t: self._stored_symbol(t) or "" for t in topics}
+        self.sqlite_reads += 1
         rows = await self.store.replay_many(list(symbols.values()), after, limit)
         out: dict[str, Stored | None] = {}
         for topic, symbol in symbols.items():

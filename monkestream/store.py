@@ -281,6 +281,15 @@ class Store:
             return False
         return all(seq is not None for epoch, seq in self.clean_runs.items() if epoch > after.epoch)
 
+    def ends_previous_run(self, after: EventId) -> bool:
+        """Whether ``after`` is the last id of the run before this one, which ended cleanly.
+
+        Nothing was published between such an id and this run's first event:
+        a client that saw a run to its end resumes at the start of the next.
+        """
+        earlier = max(self.clean_runs, default=None)
+        return after.epoch == earlier and self.clean_runs[earlier] == after.seq
+
     async def replay_many(self, symbols: list[str], after: EventId, limit: int,
                           most: int = REPLAY_LIMIT_EVENTS) -> dict[str, list[StoredTicker] | None]:
         """Per symbol, the first ``limit`` stored tickers after ``after`` in id order.

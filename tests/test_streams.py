@@ -118,6 +118,29 @@ def test_resume_across_a_restart(tmp_path):
             assert int(got[-1].last_event_id.split("-")[0]) > int(last.split("-")[0])
 
 
+def _metric(port, name):
+    _, _, body = request(port, "GET", "/metrics")
+    (line,) = [l for l in body.decode().splitlines() if l.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def test_replay_rule_3_a_restart_seen_to_its_end_resumes_without_reading_sqlite(tmp_path):
+    db = tmp_path / "restart.db"
+    with AppThread(db, flush_interval=0.05) as s:
+        with SSEClient(s.port, "/ticker/RS/event") as client:
+            publish(s.port, "RS", 1, 2, 3)
+            middle = client.wait_for(3)[0].last_event_id
+        end = healthz(s.port)["lastEventId"]   # what a client that saw the whole run holds
+    with AppThread(db, flush_interval=0.05) as s:
+        publish(s.port, "RS", 4)
+        with SSEClient(s.port, "/ticker/RS/event", {"Last-Event-ID": end}) as client:
+            assert prices(client.wait_for(1)) == [4]
+        assert _metric(s.port, "monkestream_replay_sqlite_reads_total") == 0
+        with SSEClient(s.port, "/ticker/RS/event", {"Last-Event-ID": middle}) as client:
+            assert prices(client.wait_for(3)) == [2, 3, 4]   # the rest of the old run is in SQLite
+        assert _metric(s.port, "monkestream_replay_sqlite_reads_total") == 1
+
+
 def test_heartbeats_on_idle_streams(tmp_path):
     with AppThread(tmp_path / "h.db", heartbeat=0.3) as s:
         with SSEClient(s.port, "/ticker/HB/event") as client:
@@ -380,7 +403,7 @@ def test_history_past_the_retention_is_deleted_and_not_replayed(tmp_path):
         assert "monkestream_sqlite_pruned_rows_total 3" in metrics.decode()
 
 
-def test_replay_rule_3_a_long_resume_comes_in_parts_each_within_the_budget(tmp_path):
+def test_replay_rule_4_a_long_resume_comes_in_parts_each_within_the_budget(tmp_path):
     budget = 16384
     with AppThread(tmp_path / "s.db", flush_interval=0.05, replay_events=8, stream_buffer=budget) as s:
         with SSEClient(s.port, "/ticker/GAP/event") as first:
