@@ -89,11 +89,17 @@ class SSEClient:
         lines = [f"GET {self.path} HTTP/1.1", "Host: test", "Accept: text/event-stream"]
         lines += [f"{k}: {v}" for k, v in self.headers.items()]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.read_head()
+
+    def read_head(self) -> None:
+        """Read the response head on ``sock`` (a request already sent), then any bytes after it."""
+        assert self.sock is not None
         head = b""
         deadline = time.monotonic() + self.timeout
         while b"\r\n\r\n" not in head:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no response head")
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                raise TimeoutError(f"no response head: {head!r}")
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise ConnectionError(f"closed before the head: {head!r}")

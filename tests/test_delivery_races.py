@@ -84,23 +84,8 @@ def _stream_on(sock: socket.socket, port: int, timeout: float = 10.0) -> SSEClie
     """An SSEClient over ``sock``, whose stream request has already been sent: read its head."""
     client = SSEClient(port, "(sent)", connect=False, timeout=timeout)
     client.sock = sock
-    head = b""
-    deadline = time.monotonic() + timeout
-    while b"\r\n\r\n" not in head:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([sock], [], [], left)[0]:
-            raise TimeoutError(f"no stream response head: {head!r}")
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed before the head: {head!r}")
-        head += chunk
-    head, _, rest = head.partition(b"\r\n\r\n")
-    status_line, *fields = head.decode("latin-1").split("\r\n")
-    client.status = int(status_line.split()[1])
-    client.response_headers = {k.lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
-    client._chunked = client.response_headers.get("transfer-encoding", "").lower() == "chunked"
-    assert client.status == 200, (status_line, rest)
-    client._feed(rest)
+    client.read_head()
+    assert client.status == 200, (client.status, client.response_headers)
     return client
 
 
