@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from helpers import ServerProcess, SSEClient, request
+from helpers import ServerProcess, SSEClient, healthz, request
 
 try:
     from selenium import webdriver
@@ -194,7 +194,7 @@ def test_a_published_price_appears_and_adds_a_point(server, browser):
     wait(lambda: page.members() == ["watcher"], what="the page to join the room")
     room = SSEClient(server.port, "/events?topic=room:lobby")
 
-    publish(server.port, "NEWC", "5")      # a symbol the page has not seen: found while we wait
+    publish(server.port, "NEWC", "5")      # a symbol the page has not seen: announced on the stream
     # the 5-minute chart takes one point per 5 s: publish once that spacing has passed
     wait(lambda: int(time.time()) >= first["createdAt"] + 5, timeout=7, what="the chart's spacing")
     publish(server.port, "DOGE", "0.0812")
@@ -204,17 +204,18 @@ def test_a_published_price_appears_and_adds_a_point(server, browser):
     assert page.attr(card, "data-updates") == "1"
     assert page.attr(card, "data-move") == "up" and page.attr(card, "data-trend") == "up"
     wait(lambda: page.attr(svg, "data-points") == "2", what="a second chart point")
-    assert page.card("DOGE").find_element(By.CSS_SELECTOR, "time").text != ""
+    assert page.card("DOGE").find_element(By.CSS_SELECTOR, "[data-role=updated]").text != ""
 
     publish(server.port, "DOGE", "0.0799")   # within 5 s: a new price, not a new point
     wait(lambda: page.attr(card, "data-updates") == "2", what="the second update")
     assert page.attr(card, "data-move") == "down" and page.attr(svg, "data-points") == "2"
 
-    wait(lambda: page.qs('.card[data-symbol="NEWC"]'), timeout=8, what="the new symbol's card")
+    wait(lambda: page.qs('.card[data-symbol="NEWC"]'), timeout=3, what="the new symbol's card")
     wait(lambda: page.attr('.card[data-symbol="NEWC"] svg', "data-points") == "1", what="its chart")
     publish(server.port, "NEWC", "6")      # the stream now carries its topic too
     wait(lambda: page.attr('.card[data-symbol="NEWC"]', "data-price") == "6", what="its streamed price")
-    assert page.attr('.card[data-symbol="NEWC"]', "data-updates") == "1"
+    # both prices came by the stream: the new one resumed from the announcement, before the first
+    assert page.attr('.card[data-symbol="NEWC"]', "data-updates") == "2"
     # the stream was replaced for the new topic, the new one open before the old one closed
     room.pump(0.3)
     assert [e.type for e in room.events if e.type.startswith("user_")] == []
@@ -321,3 +322,70 @@ def test_the_page_survives_a_server_restart_without_missing_a_price(server, brow
     assert list(page.comments().values()) == ["still here"]
     # failed reconnection attempts are logged by the browser; nothing else may be
     assert page.errors(network_too=False) == []
+
+
+@contextlib.contextmanager
+def static_site(directory: Path) -> Iterator[str]:
+    """Serve ``directory`` over HTTP on another port: a page of another origin than the server's."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{site.server_address[1]}/"
+    finally:
+        site.shutdown()
+        site.server_close()
+        thread.join(5)
+
+
+def test_a_plain_event_source_turned_away_by_a_full_server_comes_back_by_itself(tmp_path, browser):
+    """Any page's EventSource, refused at --max-streams, keeps reconnecting and gets in once room frees."""
+    with running(ServerProcess(tmp_path / "full.db", "--no-demo", "--max-streams", "1",
+                               "--full-retry-ms", "300")) as srv:
+        held = SSEClient(srv.port, "/ticker/FULL/event")
+        assert held.status == 200
+        site = tmp_path / "site"
+        site.mkdir()
+        (site / "index.html").write_text(
+            "<!doctype html><title>a plain page</title>\n"
+            f'<script>window.source = new EventSource("http://127.0.0.1:{srv.port}/ticker/FULL/event");</script>\n')
+        with static_site(site) as origin:
+            page = browser(origin + "index.html")
+            run = page.driver.execute_script
+            run("window.states = []; window.got = [];"
+                "source.addEventListener('price_update', e => got.push(e.data));"
+                "setInterval(() => states.push(source.readyState), 20);")
+            time.sleep(2.5)                  # turned away all along, told to come back in 300-900 ms each time
+            states = run("return states")
+            assert states and EventSourceState.CLOSED not in states, states
+            turned_away = wait(lambda: turned_away_count(srv.port), what="the page to be turned away")
+            assert turned_away >= 2, "the page did not come back after being turned away"
+            held.close()
+            wait(lambda: healthz(srv.port)["streams"] == 1, what="the page to get in once room freed")
+            publish(srv.port, "FULL", "1.25")
+            wait(lambda: run("return got.length") == 1, what="the price on the page")
+            assert json.loads(run("return got[0]"))["price"] == 1.25
+            assert run("return source.readyState") == EventSourceState.OPEN
+            assert EventSourceState.CLOSED not in run("return states")
+
+
+class EventSourceState:
+    """EventSource.readyState (WHATWG HTML §9.2.2)."""
+
+    CONNECTING, OPEN, CLOSED = 0, 1, 2
+
+
+def turned_away_count(port: int) -> int:
+    status, _, body = request(port, "GET", "/metrics")
+    assert status == 200
+    found = [line for line in body.decode().splitlines()
+             if line.startswith('monkestream_streams_turned_away_total{answer="retry"}')]
+    return int(float(found[0].split()[-1])) if found else 0
