@@ -10,12 +10,22 @@ Rule 2: a new stream starts with a ``members`` event listing everyone present
 Rule 3: comments are written to SQLite before their ``comment_posted`` event
         is published; a deletion is written before ``comment_deleted``.
 Rule 4: the poster gets a deletion key; only its hash is stored. Deleting
-        needs that key or the publish token.
-Rule 5: posting is rate-limited per client address; a refused post's
-        ``Retry-After`` is the seconds until its bucket takes one more,
-        rounded up, and at least 1.
-Rule 6: ``Chat`` is handed all it uses (the hub, the store, the limiter, a
+        needs that key, in the ``X-Delete-Key`` header (never the URL, which
+        proxies and browsers log), or the publish token.
+Rule 5: posting, and joining rooms, are rate-limited per client address; a
+        refused request's ``Retry-After`` is the seconds until its bucket
+        takes what it asked, rounded up, and at least 1.
+Rule 6: a stream with ``?user=`` costs one join per room (all of the join
+        burst at most), taken before its response starts, so a refused join
+        publishes no presence event.
+Rule 7: ``Chat`` is handed all it uses (the hub, the store, the limiters, a
         token check, a stream opener); it knows nothing of the app around it.
+Rule 8: presence events (``user_joined``, ``user_left``) are live only: not
+        kept in the room's replay ring (a stream opened with ``?user=``
+        starts with a fresh ``members`` list), so joining and leaving cannot fill memory,
+        and a room of presence alone is forgotten with its last stream. A
+        comment's room must fit the hub's room budget before the comment is
+        written (503 otherwise), so nothing stored goes unpublished.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from typing import Any, Callable
 from . import params
 from .auth import CHALLENGE
 from .http11 import Request
-from .hub import Hub
+from .hub import Hub, TopicLimit
 from .jsontext import dumps
 from .ratelimit import RateLimiter
 from .routing import EventStream, Exchange, HTTPError, Response, Router, json_response
@@ -77,6 +87,10 @@ def parse_text(text: Any) -> str:
     if _SURROGATE.search(text):
         raise HTTPError(422, "text: must not contain unpaired surrogates")
     return text
+
+
+def _retry_after(limiter: RateLimiter, client: str, cost: float = 1.0) -> tuple[str, str]:
+    return ("Retry-After", str(max(1, math.ceil(limiter.retry_after(client, cost)))))
 
 
 def _key_hash(key: str) -> str:
@@ -128,7 +142,8 @@ class Membership:
         frames = []
         for room in self.rooms:  # the stream is not attached yet: it gets these after its backlog
             if presence.join(room, user):
-                frames.append(hub.publish(room_topic(room), "user_joined", {"room": room, "user": user}).frame)
+                frames.append(hub.publish(room_topic(room), "user_joined", {"room": room, "user": user},
+                                          keep=False).frame)
         self.joined = True
         for room in self.rooms:
             frames.append(encode_event("members", dumps({"room": room, "users": presence.members(room)})))
@@ -138,7 +153,7 @@ class Membership:
         if self.joined:
             for room in self.rooms:
                 if self.presence.leave(room, self.user):
-                    self.hub.publish(room_topic(room), "user_left", {"room": room, "user": self.user})
+                    self.hub.publish(room_topic(room), "user_left", {"room": room, "user": self.user}, keep=False)
 
 
 class Chat:
@@ -149,17 +164,20 @@ class Chat:
     with a ``Membership`` present while it lasts.
     """
 
-    def __init__(self, hub: Hub, store: Store, limiter: RateLimiter, *,
+    def __init__(self, hub: Hub, store: Store, limiter: RateLimiter, joins: RateLimiter, *,
                  has_token: Callable[[Request], bool],
                  open_stream: Callable[[Exchange, list[str], Membership | None], EventStream]) -> None:
         self.hub = hub
         self.store = store
         self.limiter = limiter
+        self.joins = joins
         self.has_token = has_token
         self.open_stream = open_stream
         self.presence = Presence()
         self.comments_posted = 0
         self.comments_deleted = 0
+        self.comments_refused = 0
+        self.joins_refused = 0
 
     def register(self, router: Router) -> None:
         add = router.add
@@ -174,11 +192,18 @@ class Chat:
 
     # -- presence -------------------------------------------------------------
 
-    def membership(self, topics: list[str], user: str | None) -> Membership | None:
-        """What a stream on ``topics`` makes ``user`` present in; None without a user or a room."""
+    def membership(self, topics: list[str], user: str | None, client: str) -> Membership | None:
+        """What a stream on ``topics`` makes ``user`` present in; None without a user or a room.
+
+        HTTPError 429 when ``client`` has joined too many rooms lately (Rule 6).
+        """
         rooms = [t[len("room:"):] for t in topics if t.startswith("room:")]
         if user is None or not rooms:
             return None
+        cost = min(len(rooms), self.joins.burst)
+        if not self.joins.allow(client, cost):
+            self.joins_refused += 1
+            raise HTTPError(429, "too many room joins; slow down", [_retry_after(self.joins, client, cost)])
         return Membership(self.hub, self.presence, rooms, user)
 
     def room_events(self, ex: Exchange) -> EventStream:
@@ -186,7 +211,7 @@ class Chat:
         user = params.one(ex.request.query_params(), "user")
         name = parse_user(user) if user is not None else None
         topics = [room_topic(room)]
-        return self.open_stream(ex, topics, self.membership(topics, name))
+        return self.open_stream(ex, topics, self.membership(topics, name, ex.client))
 
     # -- comments -------------------------------------------------------------
 
@@ -204,19 +229,32 @@ class Chat:
         user = parse_user(body.get("user"))
         text = parse_text(body.get("text"))
         if not self.limiter.allow(ex.client):
-            wait_s = max(1, math.ceil(self.limiter.retry_after(ex.client)))
-            raise HTTPError(429, "too many comments; slow down", [("Retry-After", str(wait_s))])
+            self.comments_refused += 1
+            raise HTTPError(429, "too many comments; slow down", [_retry_after(self.limiter, ex.client)])
         key = secrets.token_urlsafe(18)
-        comment = await self.store.add_comment(room, user, text, int(time.time()), _key_hash(key))
-        self.comments_posted += 1
-        self.hub.publish(room_topic(room), "comment_posted", comment.to_dict())
+        topic = room_topic(room)
+        self._reserve(topic)  # the room fits the hub's budget before anything is written (Rule 8)
+        try:
+            comment = await self.store.add_comment(room, user, text, int(time.time()), _key_hash(key))
+            self.comments_posted += 1
+            self.hub.publish(topic, "comment_posted", comment.to_dict())
+        finally:
+            self.hub.release([topic])
         return json_response({**comment.to_dict(), "deleteKey": key}, 201)
+
+    def _reserve(self, topic: str) -> None:
+        try:
+            self.hub.reserve([topic])
+        except TopicLimit as exc:
+            raise params.http_error(exc) from None
 
     async def delete_comment(self, ex: Exchange) -> Response:
         room = parse_room(ex.params["room"])
         comment_id = params.integer(ex.params["comment_id"], "id", 0, MAX_COMMENT_ID)
         request = ex.request
-        key = request.header("x-delete-key") or params.one(request.query_params(), "key")
+        if "key" in request.query_params():
+            raise HTTPError(400, "key: send the deletion key in the X-Delete-Key header, never in the URL")
+        key = request.header("x-delete-key")
         if not self.has_token(request):
             stored = await self.store.comment_key(room, comment_id)
             if stored is None:
@@ -225,8 +263,13 @@ class Chat:
                 raise HTTPError(401, "the deletion key (X-Delete-Key) or the publish token is required", [CHALLENGE])
             if not hmac.compare_digest(_key_hash(key), stored):
                 raise HTTPError(403, "the deletion key does not match")
-        if not await self.store.delete_comment(room, comment_id):
-            raise HTTPError(404, "no such comment")
-        self.comments_deleted += 1
-        self.hub.publish(room_topic(room), "comment_deleted", {"id": comment_id, "room": room})
+        topic = room_topic(room)
+        self._reserve(topic)
+        try:
+            if not await self.store.delete_comment(room, comment_id):
+                raise HTTPError(404, "no such comment")
+            self.comments_deleted += 1
+            self.hub.publish(topic, "comment_deleted", {"id": comment_id, "room": room})
+        finally:
+            self.hub.release([topic])
         return Response(204)

@@ -39,7 +39,18 @@ Rule 6: ids are ``EPOCH-SEQ`` (``sse.EventId``) and only grow. The hub numbers
         events itself (``seq`` counts every event, so ids order events across
         topics) or carries ids assigned elsewhere (``publish(..., event_id=)``),
         which must be greater than the last.
-Rule 7: the hub owns no task. Embedders may use it from any asyncio program;
+Rule 7: memory is bounded by topic too. Each kind of topic (the part of its
+        name before ``:``) may have a budget of topics (``limits``); a topic
+        is created only within it, in one step with the check (``topic()``,
+        ``reserve()``), so concurrent creators never overshoot, and
+        ``TopicLimit`` is raised when it is full. A topic with no stream and
+        no direct subscriber is forgotten at once when its ring is empty, or
+        by ``expire()`` once idle; an event published with ``keep=False``
+        (presence) is delivered live but never kept. All rings together hold
+        at most ``ring_bytes_max`` bytes (frames plus ``EVENT_OVERHEAD_BYTES``
+        each): past it the oldest kept events are dropped first. A resume
+        from before what a forgotten or trimmed ring held gets None.
+Rule 8: the hub owns no task. Embedders may use it from any asyncio program;
         only the flush callback and the queues touch the running loop, and the
         time it records comes from its ``Scheduler``.
 """
@@ -48,11 +59,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 import time
 from collections import deque
 from typing import Any, AsyncIterator, Callable, Iterable, NamedTuple, Protocol
 
 from .clock import AsyncioScheduler, Scheduler
+from .errors import MonkestreamError
 from .jsontext import dumps
 from .sse import EventId, encode_event, encode_position
 
@@ -60,6 +73,17 @@ REPLAY_EVENTS = 256           # per topic, the events kept for Last-Event-ID res
 SUBSCRIPTION_QUEUE_EVENTS = 1024
 STREAM_BUFFER_BYTES = 256 * 1024
 BIG_BATCH_BYTES = 16 * 1024     # a flush larger than this checks each stream's buffer first
+RING_BYTES = 64 * 1024 * 1024   # all replay rings together (Rule 7)
+EVENT_OVERHEAD_BYTES = 300      # an event's objects beside its frame, as counted against RING_BYTES
+
+
+class TopicLimit(MonkestreamError):
+    """A new topic would pass its kind's budget (hub Rule 7)."""
+
+    def __init__(self, kind: str, limit: int) -> None:
+        super().__init__(f"too many {kind} topics (at most {limit})")
+        self.kind = kind
+        self.limit = limit
 
 
 class CloseReason(enum.Enum):
@@ -121,10 +145,12 @@ class Backlog(NamedTuple):
 class Topic:
     """One topic: its replay ring and its subscribers."""
 
-    __slots__ = ("name", "conflate", "ring", "covered_after", "fanouts", "streams", "subs", "last_publish")
+    __slots__ = ("name", "kind", "conflate", "ring", "covered_after", "fanouts", "streams", "subs",
+                 "reserved", "last_publish")
 
     def __init__(self, name: str, conflate: bool, replay_events: int) -> None:
         self.name = name
+        self.kind = name.partition(":")[0]
         self.conflate = conflate
         self.ring: deque[Event] = deque(maxlen=replay_events)
         # the ring holds every event of the topic after this id (None: since the hub's origin)
@@ -132,10 +158,11 @@ class Topic:
         self.fanouts: list[Fanout] = []
         self.streams: set[Stream] = set()
         self.subs: set[Subscription] = set()
+        self.reserved = 0          # streams being opened on it (Hub.reserve)
         self.last_publish = float("-inf")
 
     def empty(self) -> bool:
-        return not (self.fanouts or self.streams or self.subs)
+        return not (self.fanouts or self.streams or self.subs or self.reserved)
 
 
 class Sink(Protocol):
@@ -354,7 +381,8 @@ class Hub:
     def __init__(self, *, epoch: int | None = None, replay_events: int = REPLAY_EVENTS,
                  conflate: Callable[[str], bool] = lambda topic: False,
                  wire_framing: Callable[[bytes], bytes] = lambda payload: payload,
-                 scheduler: Scheduler | None = None) -> None:
+                 scheduler: Scheduler | None = None, limits: dict[str, int] | None = None,
+                 ring_bytes_max: int = RING_BYTES) -> None:
         self.epoch = epoch if epoch is not None else time.time_ns() // 1_000_000
         self.seq = 0
         # the hub holds every event after this id (None: after EPOCH-0, the start of its own numbering)
@@ -364,6 +392,13 @@ class Hub:
         self._conflate = conflate
         self._framing = wire_framing
         self.topics: dict[str, Topic] = {}
+        self.limits = dict(limits or {})        # topic kind -> most topics of that kind (Rule 7)
+        self.topics_by_kind: dict[str, int] = {}
+        self.topics_expired = 0
+        self._forgotten_after: EventId | None = None  # the newest event a forgotten ring held
+        self._heads: list[tuple[int, int, str]] = []  # a heap of ring heads (id, topic), for the byte budget
+        self.ring_bytes = 0
+        self.ring_bytes_max = ring_bytes_max
         self._fanouts: dict[tuple[str, ...], Fanout] = {}
         self._wildcards: dict[str, set[Subscription]] = {}
         self._dirty_fanouts: list[Fanout] = []
@@ -380,18 +415,83 @@ class Hub:
     # -- topics ---------------------------------------------------------------
 
     def topic(self, name: str) -> Topic:
-        """The topic called ``name``, created on first use."""
+        """The topic called ``name``, created on first use within its kind's budget (else TopicLimit)."""
         topic = self.topics.get(name)
         if topic is None:
-            topic = self.topics[name] = Topic(name, self._conflate(name), self.replay_events)
-            for prefix, subs in self._wildcards.items():
-                if name.startswith(prefix):
-                    topic.subs.update(subs)
+            kind = name.partition(":")[0]
+            limit = self.limits.get(kind)
+            if limit is not None and self.topics_by_kind.get(kind, 0) >= limit:
+                raise TopicLimit(kind, limit)
+            topic = self._create(name, kind)
         return topic
+
+    def _create(self, name: str, kind: str) -> Topic:
+        topic = self.topics[name] = Topic(name, self._conflate(name), self.replay_events)
+        topic.covered_after = self._forgotten_after  # an earlier topic of this name may have held more
+        self.topics_by_kind[kind] = self.topics_by_kind.get(kind, 0) + 1
+        for prefix, subs in self._wildcards.items():
+            if name.startswith(prefix):
+                topic.subs.update(subs)
+        return topic
+
+    def reserve(self, names: Iterable[str]) -> None:
+        """Create what is missing of ``names`` (all or none, TopicLimit) and keep them until ``release``.
+
+        For a stream being opened: its topics count against the budget from
+        the request on, and are not forgotten before it is attached.
+        """
+        names = list(dict.fromkeys(names))
+        new: dict[str, int] = {}
+        for name in names:
+            if name not in self.topics:
+                kind = name.partition(":")[0]
+                new[kind] = new.get(kind, 0) + 1
+        for kind, count in new.items():
+            limit = self.limits.get(kind)
+            if limit is not None and self.topics_by_kind.get(kind, 0) + count > limit:
+                raise TopicLimit(kind, limit)
+        for name in names:
+            topic = self.topics.get(name) or self._create(name, name.partition(":")[0])
+            topic.reserved += 1
+
+    def release(self, names: Iterable[str], *, forget: bool = True) -> None:
+        """Undo one ``reserve`` of ``names``.
+
+        ``forget`` False leaves a topic left unused in place: for a stream
+        released in the step that attaches it, whose detaching forgets it.
+        """
+        for name in dict.fromkeys(names):
+            topic = self.topics.get(name)
+            if topic is not None and topic.reserved:
+                topic.reserved -= 1
+                if forget:
+                    self._forget_if_unused(topic)
 
     def _forget_if_unused(self, topic: Topic) -> None:
         if topic.empty() and not topic.ring:
-            self.topics.pop(topic.name, None)
+            self._forget(topic)
+
+    def _forget(self, topic: Topic) -> None:
+        del self.topics[topic.name]
+        self.topics_by_kind[topic.kind] -= 1
+        self.ring_bytes -= sum(_cost(e) for e in topic.ring)
+        newest = topic.ring[-1].id if topic.ring else topic.covered_after
+        if newest is not None and (self._forgotten_after is None or newest > self._forgotten_after):
+            self._forgotten_after = newest
+
+    def expire(self, idle_s: float) -> int:
+        """Forget topics with no stream and no direct subscriber, idle for ``idle_s``; how many (Rule 7)."""
+        horizon = self.scheduler.now() - idle_s
+        idle = [t for t in self.topics.values()
+                if t.last_publish < horizon and not (t.fanouts or t.streams or t.reserved)
+                and all(self._by_wildcard(t, sub) for sub in t.subs)]
+        for topic in idle:
+            self._forget(topic)
+        self.topics_expired += len(idle)
+        return len(idle)
+
+    def _by_wildcard(self, topic: Topic, sub: Subscription) -> bool:
+        return any(topic.name.startswith(prefix) and sub in subs for prefix, subs in self._wildcards.items())
 
     def last_id(self) -> EventId:
         """The id of the newest event published (seq 0 before any)."""
@@ -400,12 +500,14 @@ class Hub:
     # -- publishing -----------------------------------------------------------
 
     def publish(self, topic: str, name: str, data: Any, *, json_text: str | None = None,
-                event_id: EventId | None = None) -> Event:
+                event_id: EventId | None = None, keep: bool = True) -> Event:
         """Publish one event to a topic; returns it with its id. Never awaits.
 
         ``data`` is JSON-encoded once, unless ``json_text`` gives its encoding.
         ``event_id``, when given, is the id assigned elsewhere (it must be
         greater than the last); otherwise the hub numbers the event.
+        ``keep`` False delivers it live only, never kept for replay (Rule 7).
+        Raises TopicLimit, taking no id, when the topic is new and over budget.
         """
         text = json_text if json_text is not None else dumps(data)
         if event_id is None:
@@ -415,17 +517,59 @@ class Hub:
             if (epoch, seq) <= (self.epoch, self.seq):
                 raise ValueError(f"event id {event_id} is not after {self.last_id()}")
         frame = encode_event(name, text, f"{epoch}-{seq}")  # may raise: no id is taken before it
+        t = self.topics.get(topic) or self.topic(topic)      # so may this
         self.epoch, self.seq = epoch, seq
         event = Event(topic, name, data, epoch, seq, frame)
-        self._fan_out(self.topics.get(topic) or self.topic(topic), event)
+        if keep:
+            self._keep(t, event)
+        self._fan_out(t, event)
+        if not keep:
+            self._forget_if_unused(t)  # told to nobody, kept nowhere: it leaves no topic behind
         return event
+
+    def _keep(self, t: Topic, event: Event) -> None:
+        ring = t.ring
+        if len(ring) == ring.maxlen:
+            old = ring[0]
+            t.covered_after = old.id
+            self.ring_bytes -= _cost(old)
+        elif not ring:
+            self._push_head(t, event)
+        ring.append(event)
+        self.ring_bytes += _cost(event)
+        if self.ring_bytes > self.ring_bytes_max:
+            self._trim()
+
+    def _push_head(self, t: Topic, head: Event) -> None:
+        heads = self._heads
+        if len(heads) > 2 * len(self.topics) + 64:  # entries of forgotten topics: start afresh
+            heads[:] = [(r[0].epoch, r[0].seq, name) for name, r in
+                        ((n, topic.ring) for n, topic in self.topics.items()) if r]
+            heapq.heapify(heads)
+        heapq.heappush(heads, (head.epoch, head.seq, t.name))
+
+    def _trim(self) -> None:
+        """Drop the oldest kept events, whatever their topic, until all rings fit their budget."""
+        heads = self._heads
+        while self.ring_bytes > self.ring_bytes_max and heads:
+            epoch, seq, name = heapq.heappop(heads)
+            t = self.topics.get(name)
+            if t is None or not t.ring:
+                continue
+            head = t.ring[0]
+            if (head.epoch, head.seq) != (epoch, seq):  # its ring moved on: queue its real head
+                heapq.heappush(heads, (head.epoch, head.seq, name))
+                continue
+            t.ring.popleft()
+            t.covered_after = head.id
+            self.ring_bytes -= _cost(head)
+            if t.ring:
+                heapq.heappush(heads, (t.ring[0].epoch, t.ring[0].seq, name))
+            else:
+                self._forget_if_unused(t)
 
     def _fan_out(self, t: Topic, event: Event) -> None:
         self.published += 1
-        ring = t.ring
-        if len(ring) == ring.maxlen:
-            t.covered_after = ring[0].id
-        ring.append(event)
         t.last_publish = self.scheduler.now()
         overflowed = None
         for sub in t.subs:
@@ -640,6 +784,14 @@ class Hub:
             self.delivered += len(missed)
             stream.sink.send(b"".join([e.frame for e in missed]))
 
+    def pending_bytes(self) -> int:
+        """Bytes of frames published and not yet written: shared buffers, streams' own lists, held events."""
+        total = sum(len(e.frame) for fanout in self._fanouts.values() for e in fanout.pending)
+        for stream in self.streams():
+            total += sum(len(e.frame) for e in stream.pending)
+            total += sum(len(e.frame) for _skipped, e in stream.missed.values())
+        return total
+
     def streams(self) -> list[Stream]:
         """Every attached push stream."""
         found: dict[Stream, None] = {}
@@ -711,8 +863,12 @@ class Hub:
         if after > self.last_id():
             return None
         t = self.topics.get(topic)
-        covered = t.covered_after if t is not None and t.covered_after is not None else self.origin
-        if after < (covered if covered is not None else EventId(self.epoch, 0)):
+        covered = self.origin if self.origin is not None else EventId(self.epoch, 0)
+        # a forgotten ring of this name may have held more than what is known now
+        held_from = t.covered_after if t is not None else self._forgotten_after
+        if held_from is not None and held_from > covered:
+            covered = held_from
+        if after < covered:
             return None
         if t is None:
             return []
@@ -722,6 +878,11 @@ class Hub:
         """True when no stream or subscription is attached (tests use it to find leaks)."""
         return (self.stream_count == 0 and self.subscription_count == 0 and not self._wildcards
                 and not self._fanouts and all(t.empty() for t in self.topics.values()))
+
+
+def _cost(event: Event) -> int:
+    """What a kept event counts against the rings' byte budget (Rule 7)."""
+    return len(event.frame) + EVENT_OVERHEAD_BYTES
 
 
 def _conflate(events: list[Event], conflating: frozenset[str]) -> tuple[list[Event], bool]:

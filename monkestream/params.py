@@ -3,7 +3,7 @@
 Every handler reads its path segments, query values and JSON body through
 these functions, so each kind of input is parsed, and each mistake answered,
 the same way on every route. ``http_error`` is the one place where a domain
-refusal (``InvalidTicker``, ``IngestRefused``) becomes an HTTP answer.
+refusal (``InvalidTicker``, ``IngestRefused``, ``TopicLimit``) becomes an HTTP answer.
 """
 
 from __future__ import annotations
@@ -11,15 +11,20 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .ingest import IngestRefused
+from .hub import TopicLimit
+from .ingest import TOPICS_RETRY_S, IngestRefused
 from .routing import Exchange, HTTPError
 from .ticker import InvalidTicker, loads, parse_symbol
 
 _INTEGER = re.compile(r"-?[0-9]{1,19}")  # ASCII only; one optional sign
+_KIND_NAMES = {"ticker": "symbols", "room": "rooms"}
 
 
-def http_error(exc: InvalidTicker | IngestRefused) -> HTTPError:
+def http_error(exc: InvalidTicker | IngestRefused | TopicLimit) -> HTTPError:
     """The HTTP answer to a domain refusal: its status, or 503 with Retry-After."""
+    if isinstance(exc, TopicLimit):
+        return HTTPError(503, f"too many {_KIND_NAMES.get(exc.kind, exc.kind + ' topics')}",
+                         [("Retry-After", str(TOPICS_RETRY_S))])
     if isinstance(exc, IngestRefused):
         return HTTPError(503, str(exc), [("Retry-After", str(exc.retry_after))])
     return HTTPError(exc.status, str(exc))

@@ -19,7 +19,8 @@ Rule 4: a backlog has a budget in bytes. Events go in id order while they
         closed, and its client resumes from the last id it got. So a stream's
         memory never passes its budget, and every event still arrives once,
         in order. SQLite reads are bounded to match: at most
-        ``budget // MIN_FRAME_BYTES`` rows per symbol.
+        ``budget // MIN_FRAME_BYTES`` rows in all (``MIN_ROWS_PER_SYMBOL``
+        each at least), shared by the stream's symbols.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .sse import EventId, encode_event
 from .store import Store
 
 MIN_FRAME_BYTES = 64          # no ticker frame is shorter: bounds the rows a budget can use
+MIN_ROWS_PER_SYMBOL = 16      # rows read per symbol at least, however many share a budget
 PREPARE_ATTEMPTS = 3          # SQLite reads for one resume while rings keep moving past it
 
 Replayed = list[tuple[EventId, bytes]]
@@ -86,7 +88,8 @@ class Replayer:
                 and self.store.covers(after) and self._topic(topic, after, stored.get(topic)) is None)
 
     async def _read(self, topics: list[str], after: EventId) -> dict[str, Stored | None]:
-        limit = self.budget_bytes // MIN_FRAME_BYTES + 1
+        # what one budget can carry, shared by the symbols: each part still moves every one of them on
+        limit = max(MIN_ROWS_PER_SYMBOL, self.budget_bytes // MIN_FRAME_BYTES // len(topics)) + 1
         symbols = {t: self._stored_symbol(t) or "" for t in topics}
         self.sqlite_reads += 1
         rows = await self.store.replay_many(list(symbols.values()), after, limit)

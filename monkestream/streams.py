@@ -6,7 +6,9 @@ Rule 1: a stream resumes after the request's ``Last-Event-ID`` header, or
         its ``lastEventId`` query parameter on a first connection. With
         neither, it starts where the hub stands as its response head goes
         out, so whatever is published before it is attached is replayed to it.
-Rule 2: opening a stream never takes the hub past its topic limit (503).
+Rule 2: opening a stream never takes the hub past a topic budget (503):
+        its topics are reserved when the request is answered, in one step
+        with the check, and held until the stream is attached or dropped.
 Rule 3: a ``Member`` is someone a stream makes present (a chat user in its
         rooms). ``attached()`` runs in the step that attaches the stream, and
         only when it is attached (its backlog was complete); the frames it
@@ -19,15 +21,15 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from .chat import parse_room, parse_user, room_topic
-from .hub import Backlog, Hub
-from .ingest import TOPICS_RETRY_S
-from .params import one
+from .hub import Backlog, Hub, TopicLimit
+from .ingest import SYMBOLS_TOPIC
+from .params import http_error, one
 from .replay import Replayer
 from .routing import EventStream, Exchange, HTTPError, Router
 from .ticker import InvalidTicker, parse_symbol, ticker_topic
 
 MAX_STREAM_TOPICS = 32
-TOPIC_KINDS = ("ticker", "room")
+TOPIC_KINDS = ("ticker", "room", SYMBOLS_TOPIC)
 
 
 class Member(Protocol):
@@ -43,10 +45,9 @@ class Member(Protocol):
 class StreamOpener:
     """Builds the ``EventStream`` a handler returns, resuming it from the hub's rings and SQLite."""
 
-    def __init__(self, hub: Hub, replayer: Replayer, *, max_topics: int) -> None:
+    def __init__(self, hub: Hub, replayer: Replayer) -> None:
         self.hub = hub
         self.replayer = replayer
-        self.max_topics = max_topics
 
     def __call__(self, ex: Exchange, topics: list[str], member: Member | None = None) -> EventStream:
         """An event stream on ``topics`` for this request (Rules 1 and 2), with ``member`` present while it lasts."""
@@ -54,38 +55,51 @@ class StreamOpener:
         if last_id is None:
             last_id = one(ex.request.query_params(), "lastEventId")
         hub = self.hub
-        new = [t for t in topics if t not in hub.topics]
-        if new and len(hub.topics) + len(new) > self.max_topics:
-            raise HTTPError(503, "too many topics", [("Retry-After", str(TOPICS_RETRY_S))])
+        try:
+            hub.reserve(topics)  # Rule 2: the check and the creation in one step
+        except TopicLimit as exc:
+            raise http_error(exc) from None
         position = last_id or str(hub.last_id())
         replayer = self.replayer
-        if member is None:
-            return EventStream(topics, lambda: replayer.prepare(topics, position))
+        held = True
+
+        def release(forget: bool) -> None:
+            nonlocal held
+            if held:
+                held = False
+                hub.release(topics, forget=forget)
 
         async def prepare() -> Callable[[], Backlog]:
             build = await replayer.prepare(topics, position)
 
             def start() -> Backlog:
+                release(forget=False)  # attached in this step: the stream holds its topics now
                 backlog = build()
-                if not backlog.complete:
-                    return backlog  # closed at once: never attached
+                if not backlog.complete or member is None:
+                    return backlog  # a partial one is closed at once: never attached, never joined
                 return Backlog([*backlog.frames, *member.attached()])
             return start
 
-        return EventStream(topics, prepare, member.closed)
+        def closed() -> None:
+            release(forget=True)  # dropped before it was attached
+            if member is not None:
+                member.closed()
+
+        return EventStream(topics, prepare, closed)
 
 
 class TopicStreams:
     """``GET /events``: several topics, symbols and rooms, on one stream."""
 
     def __init__(self, open_stream: StreamOpener,
-                 membership: Callable[[list[str], str | None], Member | None]) -> None:
+                 membership: Callable[[list[str], str | None, str], Member | None]) -> None:
         self.open_stream = open_stream
-        self.membership = membership   # who a stream on these topics makes present, for this user
+        self.membership = membership   # who a stream on these topics makes present, for this user and client
 
     def register(self, router: Router) -> None:
         router.add("GET", "/events", self.events,
-                   f"several topics on one stream: ?topic=ticker:DOGE&topic=room:lobby (up to {MAX_STREAM_TOPICS});"
+                   f"several topics on one stream: ?topic=ticker:DOGE&topic=room:lobby&topic={SYMBOLS_TOPIC}"
+                   f" (up to {MAX_STREAM_TOPICS});"
                    " &user=NAME joins the rooms' presence")
 
     def events(self, ex: Exchange) -> EventStream:
@@ -97,7 +111,7 @@ class TopicStreams:
             raise HTTPError(400, f"topic: at most {MAX_STREAM_TOPICS} per stream")
         checked = [_check_topic(t) for t in topics]
         user = one(query, "user")
-        member = self.membership(checked, parse_user(user) if user is not None else None)
+        member = self.membership(checked, parse_user(user) if user is not None else None, ex.client)
         return self.open_stream(ex, checked, member)
 
 
@@ -110,4 +124,6 @@ def _check_topic(topic: str) -> str:
             raise HTTPError(400, f"topic: {topic!r} has an invalid symbol") from None
     if kind == "room":
         return room_topic(parse_room(name))
-    raise HTTPError(400, f"topic: {topic!r} must start with one of {', '.join(k + ':' for k in TOPIC_KINDS)}")
+    if topic == SYMBOLS_TOPIC:  # new symbols as they are first seen (ingest Rule 5)
+        return topic
+    raise HTTPError(400, f"topic: {topic!r} must be {SYMBOLS_TOPIC} or start with ticker: or room:")

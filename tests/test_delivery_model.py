@@ -15,8 +15,12 @@ each step every stream is checked against the log of what was published:
   settled, up to the hub's last id for a stream still open) every event of its
   topics arrived, except an event of a conflating topic published while the
   stream was paused, and only when a newer one of that topic followed it or
-  the stream is still paused or closed; or an event of a topic the stream was
-  told to reset, from before its position.
+  the stream is still paused or closed; or, from before its position, an
+  event of a topic the stream was told to reset, or a live-only event
+  (presence, published with ``keep=False``).
+
+Rings are small and share a small byte budget, and idle topics are expired,
+so resumes often fall outside what the hub holds and must get a ``reset``.
 
 A sink's bytes count as unsent only while its stream is paused, as a
 transport pauses a stream past its high-water mark; the other way a slow
@@ -55,6 +59,7 @@ TOPIC_SETS = st.one_of(st.sampled_from([{"ticker:A"}, {"room:R"}, {"ticker:A", "
                        st.sets(st.sampled_from(TOPICS), min_size=1))
 EPOCH = 7
 RING = 4
+RING_BYTES = 3000   # all rings together: trims them often
 CAP = 4096
 BUDGET = 2048
 
@@ -170,7 +175,8 @@ class DeliveryMachine(RuleBasedStateMachine):
         super().__init__()
         self.scheduler = ManualScheduler()
         self.hub = Hub(epoch=EPOCH, replay_events=RING, conflate=lambda t: t in CONFLATING,
-                       scheduler=self.scheduler)
+                       scheduler=self.scheduler, ring_bytes_max=RING_BYTES)
+        self.live_only: set[EventId] = set()   # published with keep=False: never in a backlog
         self.log: dict[EventId, tuple[str, Any]] = {}
         self.store = FakeStore(self.log)
         self.replayer = Replayer(self.hub, self.store, budget_bytes=BUDGET,
@@ -181,7 +187,7 @@ class DeliveryMachine(RuleBasedStateMachine):
 
     # -- publishing ---------------------------------------------------------------
 
-    def _publish(self, topic: str) -> None:
+    def _publish(self, topic: str, keep: bool = True) -> None:
         self.count += 1
         if topic in CONFLATING:
             data: Any = Ticker(topic[len("ticker:"):], str(self.count), "USD", self.count)
@@ -189,7 +195,9 @@ class DeliveryMachine(RuleBasedStateMachine):
             body = json.loads(data.to_json())
         else:
             body = data = {"room": topic, "n": self.count}
-            event = self.hub.publish(topic, "comment_posted", data)
+            event = self.hub.publish(topic, "comment_posted" if keep else "user_joined", data, keep=keep)
+            if not keep:
+                self.live_only.add(event.id)
         self.log[event.id] = (topic, data)
         self.bodies[event.id] = body
         for client in self.clients:
@@ -211,6 +219,14 @@ class DeliveryMachine(RuleBasedStateMachine):
     def publish_bulk(self, topics: list[str]) -> None:
         for topic in topics:
             self._publish(topic)
+
+    @rule(topic=st.sampled_from(["room:R", "room:S"]))
+    def publish_presence(self, topic: str) -> None:
+        self._publish(topic, keep=False)
+
+    @rule()
+    def expire_idle_topics(self) -> None:
+        self.hub.expire(0)
 
     @rule()
     def flush(self) -> None:
@@ -319,7 +335,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         for event_id, (topic, _data) in self.log.items():
             if topic not in client.topics or not client.after < event_id <= bound or event_id in received:
                 continue
-            if topic in reset and event_id <= client.started:
+            if (topic in reset or event_id in self.live_only) and event_id <= client.started:
                 continue
             if event_id in client.held and (client.closed or client.stream.paused or any(
                     i > event_id and self.log[i][0] == topic for i in received)):
