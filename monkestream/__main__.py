@@ -18,7 +18,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"monkestream: {exc}", file=sys.stderr)
         return 2
     from .app import run
-    run(config)
+    try:
+        run(config)
+    except ConfigError as exc:  # a log file that cannot be opened
+        print(f"monkestream: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

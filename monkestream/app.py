@@ -10,9 +10,15 @@ Rule 2: one clock. The hub, the server, the ingest service, the pipelines
         and the chat's rate limiter all share the app's ``Scheduler``.
 Rule 3: the store pipeline is ``subscription → buffer_time → SQLite``, and
         each window written is reported to ``Ingest.written``, which bounds
-        what ingest accepts meanwhile (ingest Rule 3). A window that fails to
-        write is kept and retried, never dropped. The chart pipeline is
+        what ingest accepts meanwhile (ingest Rule 3). A window the database
+        refuses is kept and retried, never dropped (ingest refuses meanwhile:
+        its Rule 4). The chart pipeline is
         ``subscription → group_by(symbol) → throttle_time``.
+Rule 5: both pipelines run under a ``Supervisor``: a crash is logged with its
+        traceback at once, counted, shown on /healthz, and the pipeline runs
+        again after a backoff. The store pipeline keeps every batch it took
+        from its subscription until it is written, so a run after a crash
+        writes first what the crashed one held: nothing acknowledged is lost.
 Rule 4: shutdown runs in order: stop accepting, end the streams, end the
         pipelines' subscriptions (buffer_time emits the last window), write
         it, record a clean end of the run, close the database.
@@ -21,19 +27,26 @@ Rule 4: shutdown runs in order: stop accepting, end the streams, end the
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
-from typing import Any
+from collections import deque
+from typing import Any, Callable, Coroutine
 
 from . import charts as charts_mod
+from . import logs
+from .accesslog import open_access_log
 from .auth import BearerToken
 from .charts import ChartCache
 from .chat import Chat
-from .clock import AsyncioScheduler, Scheduler
+from .clock import AsyncioScheduler, Handle, Scheduler
 from .config import Config
 from .http11 import chunk
-from .hub import Hub, Policy, Subscription
-from .ingest import MAX_UNPERSISTED, Ingest
+from .errors import Unavailable
+from .hub import Event, Hub, Policy, Subscription
+from .ingest import MAX_UNPERSISTED, SYMBOLS_TOPIC, Ingest
+from .limits import fit_streams
 from .metrics import Monitor
 from .ops import buffer_time, pipe
 from .ratelimit import RateLimiter
@@ -42,6 +55,7 @@ from .routing import Router
 from .server import Server
 from .static import StaticFiles
 from .store import Store
+from .supervise import Supervisor
 from .streams import StreamOpener, TopicStreams
 from .ticker import MAX_BULK_TICKERS, ticker_topic, topic_symbol
 from .tickers import TickerRoutes
@@ -49,6 +63,7 @@ from .tickers import TickerRoutes
 log = logging.getLogger("monkestream")
 
 PRUNE_INTERVAL_S = 600           # how often history past --history-days is deleted
+TOPIC_SWEEP_S = 60               # at most this long between sweeps for idle topics
 WRITE_RETRY_S = 1.0              # a window that failed to write is tried again after this
 GC_YOUNG_OBJECTS = 20_000        # allocations between young collections (the default is 700)
 
@@ -65,28 +80,35 @@ class App:
         self.scheduler: Scheduler = scheduler if scheduler is not None else AsyncioScheduler()
         self.store = Store(config.db)
         self.hub = Hub(epoch=0, replay_events=config.replay_events, conflate=_is_ticker_topic,
-                       wire_framing=chunk, scheduler=self.scheduler)
+                       wire_framing=chunk, scheduler=self.scheduler,
+                       limits={"ticker": config.max_topics, "room": config.max_rooms, SYMBOLS_TOPIC: 1},
+                       ring_bytes_max=config.replay_bytes)
         self.charts = ChartCache(max_symbols=config.max_topics)
-        self.ingest = Ingest(self.hub, self.charts, max_topics=config.max_topics,
-                             flush_interval=config.flush_interval, scheduler=self.scheduler)
+        self.ingest = Ingest(self.hub, self.charts,
+                             flush_interval=config.flush_interval, scheduler=self.scheduler,
+                             database_failing=lambda: self.store.failing)
+        self.supervisor = Supervisor(self.scheduler)
         self.router = Router()
         self.server = Server(config, self.hub, self.router, scheduler=self.scheduler)
         token = BearerToken(config.token)
         replayer = Replayer(self.hub, self.store, budget_bytes=config.stream_buffer, stored_symbol=topic_symbol)
-        open_stream = StreamOpener(self.hub, replayer, max_topics=config.max_topics)
+        open_stream = StreamOpener(self.hub, replayer)
         self.chat = Chat(self.hub, self.store,
                          RateLimiter(config.comment_rate, config.comment_burst, scheduler=self.scheduler),
+                         RateLimiter(config.join_rate, config.join_burst, scheduler=self.scheduler),
                          has_token=token.carried_by, open_stream=open_stream)
         self.tickers = TickerRoutes(self.ingest, self.store, self.charts,
                                     authorize=token.require, open_stream=open_stream)
         monitor = Monitor(config=config, hub=self.hub, server=self.server, store=self.store, ingest=self.ingest,
-                          tickers=self.tickers, chat=self.chat, replayer=replayer)
+                          tickers=self.tickers, chat=self.chat, replayer=replayer, has_token=token.carried_by,
+                          supervisor=self.supervisor)
         for routes in (StaticFiles(), self.tickers, TopicStreams(open_stream, self.chat.membership),
                        self.chat, monitor):
             routes.register(self.router)
-        self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Subscription] = []
+        self._taken: deque[list[Event]] = deque()   # batches the store pipeline holds unwritten (Rule 5)
         self._retention: asyncio.Task[None] | None = None
+        self._expiry: Handle | None = None
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -98,15 +120,18 @@ class App:
         store_sub = self.hub.subscribe(every_ticker, maxsize=MAX_UNPERSISTED + MAX_BULK_TICKERS, policy=Policy.CLOSE)
         chart_sub = self.hub.subscribe(every_ticker, maxsize=self.config.max_topics, policy=Policy.CONFLATE)
         self._subs = [store_sub, chart_sub]
-        self._tasks = [asyncio.create_task(self._persist(store_sub), name="persist"),
-                       asyncio.create_task(self._chart(chart_sub), name="charts")]
+        self.supervisor.start("persist", lambda: self._persist(store_sub))
+        self.supervisor.start("charts", lambda: self._chart(chart_sub))
         if self.config.history_days:
             self._retention = asyncio.create_task(self._retain(), name="retention")
+        self._expire_topics()
         await self.server.start()
 
     async def stop(self) -> None:
         """Stop without losing anything published before the call (Rule 4)."""
         await self.server.stop()
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self._retention is not None:
             self._retention.cancel()
             try:
@@ -115,11 +140,7 @@ class App:
                 pass
         for sub in self._subs:
             sub.close()
-        for task in self._tasks:
-            try:
-                await task
-            except Exception:  # noqa: BLE001 - a task root: logged at shutdown
-                log.exception("pipeline %s failed", task.get_name())
+        await self.supervisor.stop()
         await self.store.close(self.hub.seq)
 
     async def _warm_charts(self) -> None:
@@ -135,29 +156,52 @@ class App:
     # -- pipelines ----------------------------------------------------------------
 
     async def _persist(self, sub: Subscription) -> None:
-        """subscription → buffer_time(flush_interval) → one SQLite transaction per window (Rule 3)."""
-        windows = pipe(sub.batches(), buffer_time(self.config.flush_interval, emit_empty=False,
-                                                  scheduler=self.scheduler))
-        async for window in windows:
-            count = sum(len(batch) for batch in window)
-            written = window[-1][-1].seq
-            while True:
-                try:
-                    # a generator: the writer thread, not the event loop, walks the window
-                    await self.store.append_tickers(((e.seq, e.data) for batch in window for e in batch),
-                                                    count, written)
-                    break
-                except Exception:  # noqa: BLE001 - kept and retried: ingest refuses meanwhile (Rule 3)
-                    self.server.errors += 1
-                    log.exception("writing %d tickers to SQLite failed; retrying in %g s", count, WRITE_RETRY_S)
-                    await self.scheduler.sleep(WRITE_RETRY_S)
-            self.ingest.written(count, written)
+        """subscription → buffer_time(flush_interval) → one SQLite transaction per window (Rules 3 and 5)."""
+        if self._taken:  # what a crashed run held: written first, as one window
+            await self._write_window(list(self._taken))
+
+        async def taken() -> Any:
+            async for batch in sub.batches():
+                self._taken.append(batch)
+                yield batch
+        windows: Any = pipe(taken(), buffer_time(self.config.flush_interval, emit_empty=False,
+                                                 scheduler=self.scheduler))
+        async with contextlib.aclosing(windows):  # on a crash too: no pump of this run outlives it
+            async for window in windows:
+                await self._write_window(window)
+
+    async def _write_window(self, window: list[list[Event]]) -> None:
+        """Write the oldest batches held, retried while the database refuses them (Rule 3)."""
+        count = sum(len(batch) for batch in window)
+        written = window[-1][-1].seq
+        while True:
+            try:
+                # a generator: the writer thread, not the event loop, walks the window
+                await self.store.append_tickers(((e.seq, e.data) for batch in window for e in batch),
+                                                count, written)
+                break
+            except Unavailable:  # the store logged it, once; ingest refuses meanwhile
+                await self.scheduler.sleep(WRITE_RETRY_S)
+        for batch in window:
+            held = self._taken.popleft()
+            assert held is batch, "a window is the oldest batches held, in order"
+        self.ingest.written(count, written)
+
+    def _expire_topics(self) -> None:
+        """Forget topics idle for --topic-idle, checked a few times per idle period (hub Rule 7)."""
+        expired = self.hub.expire(self.config.topic_idle)
+        if expired:
+            log.debug("forgot %d idle topics", expired)
+        self._expiry = self.scheduler.call_later(min(TOPIC_SWEEP_S, self.config.topic_idle / 4),
+                                                 self._expire_topics)
 
     async def _retain(self) -> None:
         """Every PRUNE_INTERVAL_S, delete the history older than --history-days."""
         while True:
             try:
                 deleted = await self.store.prune(int(time.time() - self.config.history_days * 86400))
+            except Unavailable:  # the store logged it, once
+                pass
             except Exception:  # noqa: BLE001 - a task root: logged, retried next time
                 log.exception("pruning the history failed")
             else:
@@ -179,7 +223,9 @@ async def serve(config: Config) -> None:
     from .demo import DemoFeed
 
     loop = asyncio.get_running_loop()
+    access_log = open_access_log(config.access_log, config.log_format)
     app = App(config)
+    app.server.access_log = access_log
     if config.certfile:
         import ssl
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -189,6 +235,7 @@ async def serve(config: Config) -> None:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, logs.reopen, *([] if access_log is None else [access_log]))  # logrotate
     demo = None
     if not config.no_demo:
         demo = DemoFeed(app.ingest.publish, app.scheduler, time.time)
@@ -205,8 +252,10 @@ async def serve(config: Config) -> None:
         if demo is not None:
             demo.stop()
         await app.stop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        if access_log is not None:
+            access_log.close()
         log.info("stopped cleanly (last event id %s)", app.hub.last_id())
 
 
@@ -217,18 +266,29 @@ def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
 def run(config: Config) -> None:
     """Run ``serve`` on uvloop when it is installed, else on the default asyncio loop.
 
-    This process is the server's own, so it also tunes the garbage collector for it
-    (embedders keep their own settings): every ticker waiting for its SQLite window
+    The loop runs outside the ``except ImportError`` that probes for uvloop, so no
+    traceback of the server's carries that ImportError as its context.
+
+    This process is the server's own, so it raises its open-file limit and caps
+    --max-streams to what that allows (``limits`` Rule 1), and it tunes the
+    garbage collector (embedders keep their own settings): every ticker waiting for its SQLite window
     is a live container, and at 100,000 tickers/s the default thresholds made the
     collector walk hundreds of thousands of them many times a second.
     """
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    logs.setup(config.log_level, config.log_format, config.log_file)
     import gc
     gc.freeze()  # what the imports made lives as long as the process: never scan it again
     gc.set_threshold(GC_YOUNG_OBJECTS, *gc.get_threshold()[1:])
+    config = dataclasses.replace(config, max_streams=fit_streams(config.max_streams))
+    runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(config))
+        pass
     else:
-        uvloop.run(serve(config))
+        runner = uvloop.run
+    try:
+        runner(serve(config))
+    except Unavailable as exc:  # the database cannot be opened (or closed cleanly): one line, not a traceback
+        log.error("%s (%s); exiting", exc, config.db)
+        raise SystemExit(1) from None

@@ -16,6 +16,7 @@ Rule 3: on start-up the cache is warmed from SQLite with the same sampling,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from decimal import Decimal
 from typing import Any, AsyncIterable, NamedTuple
@@ -90,9 +91,14 @@ class ChartCache:
                 by_window[window].append((ticker.created_at, ticker.price))
 
     async def run(self, tickers: AsyncIterable[Ticker], scheduler: Scheduler | None = None) -> None:
-        """Feed the cache from a ticker stream until it ends: group_by(symbol) + throttle_time."""
-        async with asyncio.TaskGroup() as tasks:
-            async for group in pipe(tickers, group_by(lambda t: t.symbol)):
+        """Feed the cache from a ticker stream until it ends: group_by(symbol) + throttle_time.
+
+        On an error too, the grouping is closed before this returns, so no pump
+        of this run goes on reading ``tickers`` (a supervisor may run it again).
+        """
+        groups: Any = pipe(tickers, group_by(lambda t: t.symbol))
+        async with contextlib.aclosing(groups), asyncio.TaskGroup() as tasks:
+            async for group in groups:
                 tasks.create_task(self._follow(group, scheduler))
 
     async def _follow(self, group: AsyncIterable[Ticker], scheduler: Scheduler | None) -> None:

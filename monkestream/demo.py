@@ -2,16 +2,23 @@
 
 Each coin publishes on its own jittered ~5 s interval through ``Ingest.publish``,
 the same entry point as HTTP ingest. It runs on timer callbacks: no task.
+A tick that ingest refuses (``IngestRefused``: the database is behind or
+failing) is skipped. Any other error is a bug: it is logged with its traceback
+when the feed starts failing, counted in ``failures``, and the feed goes on.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from decimal import Decimal
 from typing import Callable
 
 from .clock import Scheduler
+from .ingest import IngestRefused
 from .ticker import Ticker
+
+log = logging.getLogger("monkestream")
 
 COINS = {"DOGE": "0.0731", "BTC": "64250.00", "ETH": "3120.50", "SOL": "142.37", "ADA": "0.4512", "XRP": "0.5234"}
 INTERVAL_S = 5.0
@@ -31,6 +38,8 @@ class DemoFeed:
         self.prices = {symbol: Decimal(price) for symbol, price in COINS.items()}
         self._handles: dict[str, object] = {}
         self.running = False
+        self.failures = 0        # ticks that failed with anything but IngestRefused
+        self._failing = False    # since the last tick that worked: log a failure once
 
     def start(self) -> None:
         self.running = True
@@ -59,8 +68,16 @@ class DemoFeed:
         if not first:
             try:
                 self._publish([Ticker(symbol, format(self.next_price(symbol), "f"), "USD", int(self._now()))])
-            except Exception:  # noqa: BLE001 - the feed skips a tick when ingest refuses
+            except IngestRefused:
                 pass
+            except Exception:  # noqa: BLE001 - a timer root: logged once per run of failures, counted
+                self.failures += 1
+                if not self._failing:
+                    log.exception("the demo feed failed to publish %s (until a tick succeeds, failures are "
+                                  "counted, not logged)", symbol)
+                self._failing = True
+            else:
+                self._failing = False
         delay = (self._rng.uniform(0.05, 1.0) if first else
                  INTERVAL_S * self._rng.uniform(1 - JITTER, 1 + JITTER))
         self._handles[symbol] = self._scheduler.call_later(delay, lambda: self._tick(symbol))

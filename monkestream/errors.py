@@ -21,3 +21,14 @@ class ProtocolError(MonkestreamError):
 
 class ConfigError(MonkestreamError):
     """A setting is out of bounds; the message names the flag."""
+
+
+class Unavailable(MonkestreamError):
+    """Something a request needs is failing for now (the database); answered 503 with ``retry_after``.
+
+    Whoever raises it has reported the failure already, so it is not logged again.
+    """
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

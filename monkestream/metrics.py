@@ -7,21 +7,26 @@ there is, with its description, and no other.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .chat import Chat
 from .config import Config
+from .http11 import Request
 from .hub import Hub
 from .ingest import Ingest
+from .limits import SHORTAGES
 from .replay import Replayer
 from .routing import Exchange, Response, Router, json_response
 from .server import Server
 from .store import Store
+from .supervise import Supervisor
 from .tickers import TickerRoutes
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+SHORTAGE_NAMES = [errno.errorcode[number] for number in SHORTAGES]   # accept() failures that pause it
 
 
 def _family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> list[str]:
@@ -44,12 +49,15 @@ class Monitor:
     tickers: TickerRoutes
     chat: Chat
     replayer: Replayer
+    has_token: Callable[[Request], bool]   # whether a request carries the publish token
+    supervisor: Supervisor | None = None   # the background pipelines, when they are supervised
     started_at: float = field(default_factory=time.time)
 
     def register(self, router: Router) -> None:
         add = router.add
         add("GET", "/api", self.get_api, "this list: every route, with what it does")
-        add("GET", "/healthz", self.get_healthz, '{"status":"ok", ...} with the settings in force')
+        add("GET", "/healthz", self.get_healthz,
+            '{"status":"ok", ...} with the settings in force (no file paths; with a token set, for its holder only)')
         add("GET", "/metrics", self.get_metrics, "counters and gauges in the Prometheus text format")
 
     def get_api(self, ex: Exchange) -> Response:
@@ -61,16 +69,32 @@ class Monitor:
         })
 
     def get_healthz(self, ex: Exchange) -> Response:
+        """The health, and the settings: never file paths, and with a token set only to its holder."""
         server, hub = self.server, self.hub
-        return json_response({
-            "status": "ok" if server.accepting else "stopping",
+        health = {
+            "status": "stopping" if not server.accepting else "ok" if self._sound() else "degraded",
             "uptime": round(time.time() - self.started_at, 3),
             "streams": len(server.streams),
             "topics": len(hub.topics),
             "lastEventId": str(hub.last_id()),
             "unpersisted": self.ingest.unpersisted,
-            "config": self.config.summary(),
-        })
+            "database": "ok" if self.store.failing is None else f"failing: {self.store.failing}",
+            "accept": "ok" if self._short_of() is None else f"paused: {self._short_of()}",
+            "pipelines": {} if self.supervisor is None else
+                         {name: p.health() for name, p in self.supervisor.pipelines.items()},
+        }
+        if not self.config.token or self.has_token(ex.request):
+            health["config"] = self.config.summary(paths=False)
+        return json_response(health)
+
+    def _short_of(self) -> str | None:
+        acceptor = self.server.acceptor
+        return None if acceptor is None else acceptor.short_of
+
+    def _sound(self) -> bool:
+        """Whether nothing is failing: database writes, accepting connections, the pipelines."""
+        return (self.store.failing is None and self._short_of() is None
+                and (self.supervisor is None or self.supervisor.healthy))
 
     def get_metrics(self, ex: Exchange) -> Response:
         return Response(200, self.render().encode(), PROMETHEUS_TEXT)
@@ -95,6 +119,17 @@ class Monitor:
         out += _family("monkestream_subscriptions_open", "gauge", "In-process pull subscriptions.",
                        [("", hub.subscription_count)])
         out += _family("monkestream_topics", "gauge", "Topics held by the hub.", [("", len(hub.topics))])
+        out += _family("monkestream_topics_by_kind", "gauge", "Topics held, by kind, against --max-topics/--max-rooms.",
+                       [(f'{{kind="{k}"}}', n) for k, n in sorted(hub.topics_by_kind.items())])
+        out += _family("monkestream_topics_expired_total", "counter", "Idle topics forgotten (--topic-idle).",
+                       [("", hub.topics_expired)])
+        out += _family("monkestream_ring_bytes", "gauge",
+                       "Bytes the replay rings hold (frames plus a fixed cost per event), against --replay-bytes.",
+                       [("", hub.ring_bytes)])
+        out += _family("monkestream_pending_bytes", "gauge", "Frames published and not yet written to streams.",
+                       [("", hub.pending_bytes())])
+        out += _family("monkestream_stream_buffer_bytes", "gauge", "Bytes written to streams and not yet sent.",
+                       [("", sum(conn.buffered() for conn in server.streams))])
         out += _family("monkestream_events_published_total", "counter", "Events published.", [("", hub.published)])
         out += _family("monkestream_events_delivered_total", "counter", "Event deliveries written to streams.",
                        [("", hub.delivered)])
@@ -127,6 +162,30 @@ class Monitor:
         chat = self.chat
         out += _family("monkestream_comments_total", "counter", "Chat comments, by action.",
                        [('{action="posted"}', chat.comments_posted), ('{action="deleted"}', chat.comments_deleted)])
+        out += _family("monkestream_rate_limited_total", "counter", "Requests refused by a per-client rate limit.",
+                       [('{limit="comment"}', chat.comments_refused), ('{limit="join"}', chat.joins_refused)])
+        acceptor = server.acceptor
+        out += _family("monkestream_accept_pauses_total", "counter",
+                       "Episodes of accept() failing for want of descriptors or memory (one log line each).",
+                       [(f'{{error="{e}"}}', n) for e, n in sorted(
+                           {**dict.fromkeys(SHORTAGE_NAMES, 0), **(acceptor.pauses if acceptor else {})}.items())])
+        out += _family("monkestream_accept_paused", "gauge", "1 while accept() fails for want of descriptors or memory.",
+                       [("", int(self._short_of() is not None))])
+        out += _family("monkestream_accept_refused_total", "counter",
+                       "Connections answered and closed at once for want of a descriptor.",
+                       [("", acceptor.refused if acceptor else 0)])
+        out += _family("monkestream_streams_turned_away_total", "counter",
+                       "Stream requests refused at --max-streams or while stopping: come back later (EventSource) or 503.",
+                       [(f'{{answer="{a}"}}', n) for a, n in server.turned_away.items()])
+        out += _family("monkestream_database_failing", "gauge", "1 while SQLite writes fail (disk full, read-only...).",
+                       [("", int(store.failing is not None))])
+        out += _family("monkestream_database_write_failures_total", "counter",
+                       "Episodes of SQLite writes failing (one log line each).", [("", store.write_failures)])
+        pipelines = self.supervisor.pipelines.values() if self.supervisor else ()
+        out += _family("monkestream_pipeline_restarts_total", "counter", "Background pipelines restarted after a crash.",
+                       [(f'{{pipeline="{p.name}"}}', p.restarts) for p in pipelines])
+        out += _family("monkestream_pipeline_up", "gauge", "1 while a background pipeline runs.",
+                       [(f'{{pipeline="{p.name}"}}', int(p.state == "running")) for p in pipelines])
         out += _family("monkestream_errors_total", "counter", "Unexpected errors (each also logged).",
                        [("", server.errors)])
         return "\n".join(out) + "\n"

@@ -8,8 +8,9 @@ Rule 1: this is the only module that touches transports. Bytes go into the
         order even when a handler awaits.
 Rule 2: exceptions become responses in exactly one place (``_answer``): an
         ``HTTPError`` is its status with a JSON ``{"error": ...}`` body, a
-        ``ProtocolError`` is its status hint and a closed connection, and
-        anything else is a 500 that is logged once and counted.
+        ``ProtocolError`` is its status hint and a closed connection, an
+        ``Unavailable`` is a 503 with Retry-After (reported where it was
+        raised), and anything else is a 500 that is logged once and counted.
 Rule 3: an event stream costs no task and no timer of its own: the hub writes
         to its transport, ``pause_writing``/``resume_writing`` drive the
         slow-consumer policy, and one shared tick sends heartbeats and closes
@@ -23,6 +24,12 @@ Rule 5: one clock. Every time the server reads and every timer it sets (the
         ``paused_at`` and ``last_publish`` compare with the server's own times
         and tests run all of it on virtual time. (The TLS handshake timeout is
         asyncio's own; the ``Date`` header reads the wall clock.)
+Rule 6: a full server sends browsers back later, not away. A stream request
+        turned away (``--max-streams`` reached, shutting down, or no
+        descriptor left: ``limits`` Rule 3) gets 503 with Retry-After, except
+        from an EventSource (``Accept: text/event-stream``): any status but
+        200 ends an EventSource for good (WHATWG HTML §9.2), so it gets a
+        200 stream carrying only a ``retry:`` hint, and is closed at once.
 """
 
 from __future__ import annotations
@@ -32,16 +39,20 @@ import email.utils
 import heapq
 import logging
 import random
+import socket
 import time
 import weakref
 from typing import Any, Awaitable, Callable, Iterable, cast
 
 from . import http11
+from .accesslog import AccessLog
+from .clientaddr import TrustedProxies
 from .clock import Handle, Scheduler
 from .config import Config
-from .errors import ProtocolError
+from .errors import ProtocolError, Unavailable
 from .hub import CloseReason, Hub, Stream
 from .jsontext import dumps
+from .limits import Acceptor, listen
 from .routing import EventStream, Exchange, HTTPError, Response, Result, Router, raw_path
 from .sse import encode_comment, encode_retry
 
@@ -50,7 +61,8 @@ log = logging.getLogger("monkestream")
 TICK_S = 0.5                 # the shared timer's longest period (heartbeats, stalls, max age)
 MAX_STREAM_INPUT_BYTES = 64 * 1024   # what a streaming client may send before it is cut off
 SHUTDOWN_GRACE_S = 5.0
-CLOSE_WAIT_S = 1.0           # for the listening socket to close, once every connection is closed
+LISTEN_BACKLOG = 4096
+FULL_RETRY_JITTER = 3.0      # a full server's reconnection hint is --full-retry-ms times 1 to this
 CATCH_UP_RETRY_MS = (100, 500)   # the reconnection hint for a stream closed with part of its backlog
 
 SSE_HEADERS = (
@@ -60,7 +72,7 @@ SSE_HEADERS = (
 )
 HEARTBEAT = encode_comment()
 CORS_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
-CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
+CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Delete-Key"
 
 
 class _Clock:
@@ -98,8 +110,10 @@ class Server:
         self.streams_by_client: dict[str, int] = {}
         self.requests_by_status: dict[int, int] = {}
         self.errors = 0
+        self.turned_away = {"retry": 0, "503": 0}   # stream requests refused for want of room, by answer
         self.accepting = False
-        self._server: asyncio.AbstractServer | None = None
+        self.acceptor: Acceptor | None = None
+        self._handshakes: set[asyncio.Task[Any]] = set()
         self._tick: Handle | None = None
         self._last_heartbeat = 0.0
         self.paused: set[Connection] = set()   # streams whose transport is full
@@ -107,31 +121,49 @@ class Server:
         self._tick_s = min(TICK_S, config.heartbeat / 2, config.stall_timeout / 2)
         self._clock = _Clock()
         self._origins = config.allowed_origins
+        self.proxies = TrustedProxies.parse(config.trusted_proxies)
         self.ssl_context: Any = None
+        self.access_log: AccessLog | None = None   # set when --access-log is given
         router.describe("OPTIONS", "*", f"CORS preflight, on any path (allowed: {CORS_HEADERS})")
 
     # -- life cycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Connection(self), self.config.host, self.config.port,
-            backlog=4096, reuse_address=True, ssl=self.ssl_context,
-            ssl_handshake_timeout=self.config.header_timeout if self.ssl_context is not None else None)
+        sockets = await listen(self.config.host, self.config.port, LISTEN_BACKLOG)
+        self.acceptor = Acceptor(sockets, self._accepted, self.refusal, self.scheduler)
+        self.acceptor.start()
         self.accepting = True
         self._last_heartbeat = self.scheduler.now()
         self._tick = self.scheduler.call_later(self._tick_s, self._on_tick)
 
+    def _accepted(self, sock: socket.socket) -> None:
+        """Make a transport for an accepted connection, as the loop's own server would (limits Rule 2)."""
+        loop = asyncio.get_running_loop()
+        tls = self.ssl_context
+        setup = loop.connect_accepted_socket(
+            lambda: Connection(self), sock, ssl=tls,
+            ssl_handshake_timeout=self.config.header_timeout if tls is not None else None)
+        task = loop.create_task(setup)
+        self._handshakes.add(task)
+        task.add_done_callback(self._set_up)
+
+    def _set_up(self, task: asyncio.Task[Any]) -> None:
+        self._handshakes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("a connection failed to set up: %s", task.exception())  # a failed TLS handshake
+
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        assert self.acceptor is not None
+        return self.acceptor.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         """Stop accepting, end every stream, let in-flight requests finish (bounded), close all."""
         self.accepting = False
-        if self._server is not None:
-            self._server.close()
+        if self.acceptor is not None:
+            self.acceptor.close()
+        for task in list(self._handshakes):
+            task.cancel()
         if self._tick is not None:
             self._tick.cancel()
         self.hub.close_all_streams(CloseReason.SHUTDOWN)
@@ -141,11 +173,6 @@ class Server:
             await scheduler.sleep(0.01)
         for conn in list(self.connections):
             conn.close()
-        if self._server is not None:
-            closed = asyncio.ensure_future(self._server.wait_closed())
-            timer = scheduler.call_later(CLOSE_WAIT_S, closed.cancel)
-            await asyncio.wait([closed])
-            timer.cancel()
 
     # -- the shared tick: heartbeats, stalled streams, maximum age -------------
 
@@ -217,14 +244,38 @@ class Server:
         return self.render(status, body, "application/json", headers, request, keep_alive, head_only)
 
     def admit_stream(self, client: str) -> None:
-        """Raise HTTPError when one more stream would pass a limit."""
+        """Raise HTTPError when one more stream would pass a limit (TurnedAway: Rule 6)."""
         if not self.accepting:
-            raise HTTPError(503, "the server is shutting down", [("Retry-After", "1")])
+            raise TurnedAway("the server is shutting down", 1, int(self.config.retry_ms * self.rng.uniform(1.0, 1.5)))
         if len(self.streams) >= self.config.max_streams:
-            raise HTTPError(503, "too many open streams", [("Retry-After", str(self.rng.randint(1, 5)))])
+            raise TurnedAway("too many open streams", self.rng.randint(1, 5), self.full_retry_ms())
         per_client = self.config.max_streams_per_client
         if per_client and self.streams_by_client.get(client, 0) >= per_client:
             raise HTTPError(429, "too many open streams from this address", [("Retry-After", "5")])
+
+    def full_retry_ms(self) -> int:
+        return int(self.config.full_retry_ms * self.rng.uniform(1.0, FULL_RETRY_JITTER))
+
+    def come_back_later(self, request: http11.Request, retry_ms: int) -> bytes:
+        """A whole event stream of one ``retry:`` hint: an EventSource reconnects after it by itself (Rule 6)."""
+        body = encode_comment("no room for a stream now: come back later") + encode_retry(retry_ms)
+        return self.render(200, body, "text/event-stream", [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")],
+                           request, False, request.method == "HEAD")
+
+    def refusal(self, data: bytes) -> bytes:
+        """The answer for a connection refused for want of a descriptor, from what it sent (limits Rule 3)."""
+        parser = http11.RequestParser(max_body_bytes=self.config.max_body)
+        try:
+            parser.feed(data)
+            request = parser.next_request()
+        except ProtocolError:
+            return b""
+        if request is None:
+            return b""  # nothing to answer yet: the close is the refusal (an EventSource retries after it)
+        if wants_event_stream(request):
+            return self.come_back_later(request, self.full_retry_ms())
+        return self.error_bytes(503, "the server is at its open-file limit", request, False,
+                                [("Retry-After", str(self.rng.randint(1, 5)))])
 
     def stream_opened(self, conn: Connection) -> None:
         self.streams.add(conn)
@@ -244,11 +295,30 @@ class Server:
                 self.streams_by_client.pop(conn.client, None)
 
 
+class TurnedAway(HTTPError):
+    """No room for one more stream: 503 with Retry-After, or come back later for an EventSource (Rule 6)."""
+
+    def __init__(self, message: str, retry_after_s: int, retry_ms: int) -> None:
+        super().__init__(503, message, [("Retry-After", str(retry_after_s))])
+        self.retry_ms = retry_ms
+
+
+def wants_event_stream(request: http11.Request) -> bool:
+    """Whether the request comes from an EventSource (or a client that reads like one)."""
+    return "text/event-stream" in (request.header("accept") or "").lower()
+
+
+def _discard(result: object) -> None:
+    """An event stream that will never open gives back what its handler took (its reserved topics)."""
+    if isinstance(result, EventStream) and result.on_close is not None:
+        result.on_close()
+
+
 class Connection(asyncio.Protocol):
     """One client connection: parses requests, writes responses, or carries one event stream."""
 
     __slots__ = ("server", "transport", "parser", "client", "busy", "closing", "stream",
-                 "stream_started", "chunked", "_timer", "_task", "_reading_paused", "_on_close",
+                 "stream_started", "chunked", "_started", "_timer", "_task", "_reading_paused", "_on_close",
                  "_stream_input", "_awaiting_head", "_eof", "__weakref__")
 
     def __init__(self, server: Server) -> None:
@@ -261,6 +331,7 @@ class Connection(asyncio.Protocol):
         self.stream: Stream | None = None
         self.stream_started = 0.0
         self.chunked = True
+        self._started = server.scheduler.now()   # when the request being answered arrived
         self._timer: Handle | None = None
         self._task: asyncio.Task[None] | None = None
         self._reading_paused = False
@@ -354,7 +425,7 @@ class Connection(asyncio.Protocol):
     def _header_timeout(self) -> None:
         self._timer = None
         if not self.busy and self.stream is None and self.transport is not None:
-            self.transport.write(self.server.error_bytes(408, "the request took too long to arrive", None, False))
+            self._respond(None, self.server.error_bytes(408, "the request took too long to arrive", None, False))
             self.close()
 
     # -- requests -----------------------------------------------------------------
@@ -385,12 +456,13 @@ class Connection(asyncio.Protocol):
 
     def _dispatch(self, request: http11.Request) -> None:
         server = self.server
+        self._started = server.scheduler.now()
         if request.method == "OPTIONS":
             self._preflight(request)
             return
         try:
             handler, params = server.router.match(request.method, raw_path(request.target))
-            result = handler(Exchange(request, params, self.client))
+            result = handler(Exchange(request, params, server.proxies.client(self.client, request)))
         except Exception as exc:  # noqa: BLE001 - translated to a response in one place
             self._answer(request, exc)
             return
@@ -410,6 +482,7 @@ class Connection(asyncio.Protocol):
         self.busy = False
         self._task = None
         if self.closing:
+            _discard(result)
             return
         self._answer(request, result)
         if not self.closing and self.stream is None:
@@ -419,15 +492,27 @@ class Connection(asyncio.Protocol):
         """Write the response for ``result``; the one place exceptions become responses."""
         transport = self.transport
         if transport is None or self.closing:
+            _discard(result)
             return
         server = self.server
         keep_alive = request.keep_alive and server.accepting
         if isinstance(result, EventStream):
+            client = server.proxies.client(self.client, request)
             try:
-                server.admit_stream(self.client)
+                server.admit_stream(client)
             except HTTPError as exc:
+                _discard(result)
                 result = exc
+                if isinstance(exc, TurnedAway):
+                    keep_alive = False   # a descriptor is what a full server is short of
+                    if wants_event_stream(request):
+                        server.turned_away["retry"] += 1
+                        self._respond(request, server.come_back_later(request, exc.retry_ms))
+                        self.close()
+                        return
+                    server.turned_away["503"] += 1
             else:
+                self.client = client  # no request follows a stream: it counts against its client's cap
                 self._open_stream(request, result)
                 return
         if isinstance(result, Response):
@@ -438,13 +523,24 @@ class Connection(asyncio.Protocol):
         elif isinstance(result, ProtocolError):
             self._protocol_error(result, request)
             return
+        elif isinstance(result, Unavailable):
+            data = server.error_bytes(503, str(result), request, keep_alive, [("Retry-After", str(result.retry_after))])
         else:
             server.errors += 1
             log.error("error answering %s %s", request.method, request.path, exc_info=result)
             data = server.error_bytes(500, "internal error", request, keep_alive)
-        transport.write(data)
+        self._respond(request, data)
         if not keep_alive or self._eof:
             self.close()
+
+    def _respond(self, request: http11.Request | None, data: bytes) -> None:
+        """Write a whole response, or a stream's head, and note it in the access log."""
+        assert self.transport is not None
+        self.transport.write(data)
+        access = self.server.access_log
+        if access is not None:
+            client = self.client if request is None else self.server.proxies.client(self.client, request)
+            access.response(client, request, data, self.server.scheduler.now() - self._started)
 
     def _preflight(self, request: http11.Request) -> None:
         server = self.server
@@ -457,21 +553,19 @@ class Connection(asyncio.Protocol):
             ]
         keep_alive = request.keep_alive and server.accepting
         assert self.transport is not None
-        self.transport.write(server.render(204, b"", None, headers, request, keep_alive))
+        self._respond(request, server.render(204, b"", None, headers, request, keep_alive))
         if not keep_alive:
             self.close()
 
     def _protocol_error(self, exc: ProtocolError, request: http11.Request | None) -> None:
         if self.transport is not None and not self.closing:
-            self.transport.write(self.server.error_bytes(exc.status_hint, str(exc), request, False))
+            self._respond(request, self.server.error_bytes(exc.status_hint, str(exc), request, False))
         self.close()
 
     # -- event streams --------------------------------------------------------------
 
     def _open_stream(self, request: http11.Request, spec: EventStream) -> None:
         server = self.server
-        transport = self.transport
-        assert transport is not None
         self.chunked = request.version == "1.1"
         fields = [*SSE_HEADERS]
         origin = server.cors_origin(request)
@@ -483,14 +577,17 @@ class Connection(asyncio.Protocol):
         if self.chunked:
             fields.append(("Transfer-Encoding", "chunked"))
         server.count(200)
-        transport.write(http11.response_head(200, fields))
+        self._respond(request, http11.response_head(200, fields))
         if request.method == "HEAD":
+            _discard(spec)
             self.close()
             return
         self._on_close = spec.on_close
         self.busy = True
         server.stream_opened(self)
         self.stream_started = server.scheduler.now()
+        if server.access_log is not None:
+            server.access_log.stream_opened(self, self.client, request, self.stream_started)
         retry_ms = int(server.config.retry_ms * server.rng.uniform(1.0, 1.5))
         self.send(encode_retry(retry_ms))
         self._task = asyncio.ensure_future(self._go_live(spec))
@@ -509,7 +606,7 @@ class Connection(asyncio.Protocol):
         self.busy = False
         self._task = None
         if self.closing or failed:
-            self._stream_ended()
+            self._stream_ended("error" if failed else CloseReason.CLIENT.value)
             self.close()
             return
         transport = self.transport
@@ -526,7 +623,7 @@ class Connection(asyncio.Protocol):
             self.server.errors += 1
             log.exception("error starting a stream")
             self.stream = None
-            self._stream_ended()
+            self._stream_ended("error")
             self.close()
 
     # -- hub.Sink ---------------------------------------------------------------------
@@ -541,7 +638,7 @@ class Connection(asyncio.Protocol):
 
     def hub_closed(self, reason: CloseReason) -> None:
         log.debug("stream from %s closed: %s", self.client, reason.value)
-        self._stream_ended()
+        self._stream_ended(reason.value)
         if reason is CloseReason.CATCH_UP:  # the rest of its backlog is owed at once
             self.send(encode_retry(self.server.rng.randint(*CATCH_UP_RETRY_MS)))
         if reason is not CloseReason.CLIENT and self.transport is not None and not self.closing:
@@ -549,8 +646,10 @@ class Connection(asyncio.Protocol):
                 self.transport.write(http11.LAST_CHUNK)
             self.close()
 
-    def _stream_ended(self) -> None:
+    def _stream_ended(self, reason: str = CloseReason.CLIENT.value) -> None:
         self.server.stream_closed(self)
+        if self.server.access_log is not None:
+            self.server.access_log.stream_closed(self, reason, self.server.scheduler.now())
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             try:

@@ -16,11 +16,18 @@ Rule 5: history older than the retention is deleted in small chunks, each its
         own transaction on the writer thread, so windows keep flowing. The
         horizon is recorded (``meta.pruned_before``): a resume from a run that
         started before it is not covered, since its tickers may be gone.
+Rule 6: a write the disk or the file system refuses (full, read-only, I/O
+        error, cannot open) raises ``Unavailable``; the transaction is rolled
+        back whole, and the caller may retry it. ``failing`` says why while
+        writes fail; the first failure of an episode is logged in one line,
+        and the first write to succeed ends the episode. Temporary files stay
+        in memory, so no write needs a new descriptor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import threading
@@ -29,8 +36,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
+from .errors import Unavailable
 from .sse import EventId
 from .ticker import Ticker
+
+log = logging.getLogger("monkestream")
 
 T = TypeVar("T")
 
@@ -40,6 +50,10 @@ COMMENTS_LIMIT_MAX = 500
 PRUNE_CHUNK_ROWS = 10000
 ROWS_PER_INSERT = 100     # rows per INSERT statement: 500 variables, under even old SQLite's 999
 THREAD_NICE = 5           # the SQLite threads' niceness (the loop keeps the process's)
+FAILING_RETRY_S = 5       # what a client is told to wait while the database cannot be written
+# SQLite's primary result codes for a disk or file system that refuses (Rule 6)
+REFUSED_BY_DISK = {3: "SQLITE_PERM", 7: "SQLITE_NOMEM", 8: "SQLITE_READONLY", 10: "SQLITE_IOERR",
+                   13: "SQLITE_FULL", 14: "SQLITE_CANTOPEN"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -115,8 +129,13 @@ def _yield_to_loop() -> None:
         pass
 
 
+def _refused_by_disk(exc: sqlite3.Error) -> bool:
+    return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in REFUSED_BY_DISK
+
+
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA temp_store=MEMORY")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=5000")
@@ -141,9 +160,22 @@ class Store:
         self.clean_runs: dict[int, int | None] = {}  # epoch -> last_seq (None: crashed)
         self.pruned_before = 0        # unix seconds: tickers older than this may be deleted
         self.rows_pruned = 0
+        self.failing: str | None = None   # why writes fail, while they do (Rule 6)
+        self.write_failures = 0       # episodes of failing writes
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+        except sqlite3.Error as exc:
+            if not _refused_by_disk(exc):
+                raise
+            if self.failing is None:
+                self.write_failures += 1
+                log.error("database writes failing: %s (%s); retried until they succeed", exc, self.path)
+            self.failing = str(exc)
+            raise Unavailable(f"the database cannot be written: {exc}", FAILING_RETRY_S) from None
+        self.failing = None
+        return result
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
@@ -151,9 +183,12 @@ class Store:
     # -- life cycle -----------------------------------------------------------
 
     async def open(self) -> int:
-        """Create the schema, start a new run and return its epoch."""
-        self.epoch = await self._write(self._open_sync)
-        self._rconn = await self._read(_connect, self.path)
+        """Create the schema, start a new run and return its epoch (Unavailable when the file cannot be)."""
+        try:
+            self.epoch = await asyncio.get_running_loop().run_in_executor(self._writer, self._open_sync)
+            self._rconn = await self._read(_connect, self.path)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"the database cannot be opened: {exc}") from None
         return self.epoch
 
     def _open_sync(self) -> int:
@@ -223,10 +258,15 @@ class Store:
                                  (flat[i:i + step] for i in range(0, whole, step)))
             if whole < len(flat):
                 conn.executemany(_insert_statement(self.epoch, 1), (flat[i:i + 5] for i in range(whole, len(flat), 5)))
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # a full disk may have rolled it back already, or failed the COMMIT and left it open
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
-        conn.execute("COMMIT")
 
     async def history(self, symbol: str, since: int | None, until: int | None, limit: int) -> list[Ticker]:
         """The newest ``limit`` tickers of a symbol in [since, until], oldest first."""

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from monkestream.sse import EventStreamParser, MessageEvent
 
@@ -179,10 +179,12 @@ class SSEClient:
 class ServerProcess:
     """``python -m monkestream`` in a subprocess on an ephemeral port."""
 
-    def __init__(self, db: Path | str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, db: Path | str, *args: str, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], object] | None = None) -> None:
         self.db = str(db)
         self.args = list(args)
         self.env = env or {}
+        self.preexec_fn = preexec_fn   # run in the child before the server (e.g. to lower its limits)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.log = b""
@@ -190,7 +192,8 @@ class ServerProcess:
     def start(self, timeout: float = 10.0) -> ServerProcess:
         cmd = [sys.executable, "-m", "monkestream", "--port", "0", "--db", self.db, *self.args]
         env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)
@@ -288,3 +291,97 @@ class AppThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
+
+
+class RouterServer:
+    """A real ``Server`` and ``Hub`` answering through ``router`` on an ephemeral port, in the running loop.
+
+    ``async with RouterServer(router) as srv``; ``await srv.exchange(raw)`` sends bytes on a new
+    connection and returns what comes back until the server closes it (or ``until`` has arrived).
+    """
+
+    def __init__(self, router: Any, **settings: Any) -> None:
+        from monkestream.config import Config
+        from monkestream.hub import Hub
+        from monkestream.server import Server
+
+        self.hub = Hub(epoch=1)
+        self.server = Server(Config(port=0, no_demo=True, **settings), self.hub, router)
+
+    async def __aenter__(self) -> RouterServer:
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop()
+
+    async def exchange(self, data: bytes, until: bytes | None = None, timeout: float = 5.0) -> bytes:
+        import asyncio
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+        writer.write(data)
+        out = b""
+        try:
+            async with asyncio.timeout(timeout):
+                while until is None or until not in out:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        break
+                    out += chunk
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        return out
+
+
+class LoggingServer:
+    """``python -m monkestream`` logging to ``main.log`` and ``access.log`` in ``folder``; the port is read from the log."""
+
+    def __init__(self, folder: Path, *args: str) -> None:
+        self.folder = folder
+        self.main_log = folder / "main.log"
+        self.access_log = folder / "access.log"
+        cmd = [sys.executable, "-m", "monkestream", "--port", "0", "--db", str(folder / "db.sqlite"), "--no-demo",
+               "--log-file", str(self.main_log), "--access-log", str(self.access_log), *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.port = int(self.wait_for(self.main_log, rb"listening on http://[^:]+:(\d+)").group(1))
+
+    def wait_for(self, path: Path, pattern: bytes, timeout: float = 10.0) -> re.Match[bytes]:
+        """The first match of ``pattern`` in the file at ``path``, once it is there."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, path.read_bytes()) if path.exists() else None
+            if found:
+                return found
+            assert self.proc.poll() is None, self.proc.communicate()[0]
+            time.sleep(0.02)
+        raise TimeoutError(f"{pattern!r} not in {path}")
+
+    def lines(self, path: Path, count: int = 0, timeout: float = 5.0) -> list[str]:
+        """The lines of ``path``, once there are at least ``count``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = path.read_text().splitlines() if path.exists() else []
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """SIGTERM; the server must exit 0 having written nothing outside its files."""
+        if self.proc.stdout is None or self.proc.stdout.closed:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            output, _ = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            output, _ = self.proc.communicate()
+        assert self.proc.returncode == 0, output
+        assert output == b"", output
+
+    def __enter__(self) -> LoggingServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

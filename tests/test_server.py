@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import json
+import logging
 import re
 import signal
 import sqlite3
@@ -12,7 +15,9 @@ import time
 
 import pytest
 
-from helpers import ROOT, AppThread, ServerProcess, SSEClient, healthz, raw, request
+from helpers import ROOT, AppThread, RouterServer, ServerProcess, SSEClient, healthz, raw, request
+from monkestream.errors import ProtocolError, Unavailable
+from monkestream.routing import HTTPError, Response, Router
 
 SSE_HEADERS = {
     "cache-control": "no-cache",
@@ -277,7 +282,7 @@ def test_sigterm_flushes_everything_while_a_client_streams(tmp_path):
         conn.close()
 
 
-def test_charts_are_warmed_from_sqlite_after_a_restart(tmp_path):
+def test_charts_rule_3_charts_are_warmed_from_sqlite_after_a_restart(tmp_path):
     db = tmp_path / "warm.db"
     with ServerProcess(db, "--no-demo") as srv:
         assert post_price(srv.port, "WARM", "42.5")[0] == 201
@@ -329,7 +334,7 @@ def test_readme_embedding_snippet_runs():
     assert "'price': 0.07" in proc.stdout
 
 
-def test_a_failed_window_write_is_retried_not_lost(tmp_path):
+def test_app_rule_3_a_failed_window_write_is_retried_not_lost(tmp_path):
     with AppThread(tmp_path / "retry.db", flush_interval=0.05) as s:
         store = s.app.store
         real = store._append_sync
@@ -338,7 +343,9 @@ def test_a_failed_window_write_is_retried_not_lost(tmp_path):
         def flaky(rows):
             if not failures:
                 failures.append(1)
-                raise sqlite3.OperationalError("disk I/O error")
+                error = sqlite3.OperationalError("disk I/O error")
+                error.sqlite_errorcode = 10  # SQLITE_IOERR: the disk refused, the window is kept
+                raise error
             return real(rows)
         store._append_sync = flaky
         assert post_price(s.port, "RETRY", "1.5")[0] == 201
@@ -346,7 +353,104 @@ def test_a_failed_window_write_is_retried_not_lost(tmp_path):
         while store.rows_written < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert failures and store.rows_written == 1
-        assert s.app.server.errors == 1
+        assert store.write_failures == 1 and store.failing is None
     conn = sqlite3.connect(tmp_path / "retry.db")
     assert conn.execute("SELECT price FROM tickers").fetchall() == [("1.5",)]
     conn.close()
+
+
+# -- the module's rules -------------------------------------------------------------
+
+TRANSPORT_CALLS = {"transport", "get_write_buffer_size", "set_write_buffer_limits", "pause_reading",
+                   "resume_reading", "create_server", "start_server"}
+
+
+def _touches_transports(source: str) -> bool:
+    return any(isinstance(node, ast.Attribute) and node.attr in TRANSPORT_CALLS for node in ast.walk(ast.parse(source)))
+
+
+def test_server_rule_1_only_the_server_touches_transports_and_answers_one_request_at_a_time_in_order():
+    package = ROOT / "monkestream"
+    touching = [path.relative_to(package).as_posix() for path in sorted(package.rglob("*.py"))
+                if _touches_transports(path.read_text(encoding="utf-8"))]
+    assert touching == ["server.py"]
+    order: list[str] = []
+
+    async def main() -> None:
+        started, gate = asyncio.Event(), asyncio.Event()
+
+        async def slow(ex):
+            order.append("slow starts")
+            started.set()
+            await gate.wait()
+            order.append("slow ends")
+            return Response(200, b'"slow"')
+
+        def fast(ex):
+            order.append("fast")
+            return Response(200, b'"fast"')
+
+        router = Router()
+        router.add("GET", "/slow", slow, "awaits")
+        router.add("GET", "/fast", fast, "answers at once")
+        async with RouterServer(router) as srv:
+            pipelined = (b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nHost: x\r\n\r\n"
+                         b"GET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answers = asyncio.ensure_future(srv.exchange(pipelined))
+            await asyncio.wait_for(started.wait(), 5)
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert order == ["slow starts"]  # the requests behind it are buffered, not yet dispatched
+            gate.set()
+            out = await answers
+        assert re.findall(rb"\r\n\r\n(\"\w+\")", out) == [b'"slow"', b'"fast"', b'"fast"']
+
+    asyncio.run(main())
+    assert order == ["slow starts", "slow ends", "fast", "fast"]
+
+
+def test_server_rule_2_exceptions_become_responses_in_one_place(caplog):
+    def teapot(ex):
+        raise HTTPError(418, "short and stout", [("X-Spout", "1")])
+
+    def broken(ex):
+        raise RuntimeError("a bug")
+
+    async def broken_later(ex):
+        await asyncio.sleep(0)
+        raise KeyError("another bug")
+
+    def unavailable(ex):
+        raise Unavailable("the disk is full", 7)
+
+    def bad_peer(ex):
+        raise ProtocolError("framing in doubt", 431)
+
+    router = Router()
+    for path, handler in [("/teapot", teapot), ("/broken", broken), ("/later", broken_later),
+                          ("/unavailable", unavailable), ("/peer", bad_peer)]:
+        router.add("GET", path, handler, "fails")
+
+    def get(path: str, close: bool = False) -> bytes:
+        connection = "Connection: close\r\n" if close else ""
+        return f"GET {path} HTTP/1.1\r\nHost: x\r\n{connection}\r\n".encode()
+
+    async def main() -> tuple[bytes, bytes, int]:
+        async with RouterServer(router) as srv:
+            kept = await srv.exchange(get("/teapot") + get("/broken") + get("/later") + get("/unavailable", close=True))
+            cut = await srv.exchange(get("/peer") + get("/teapot", close=True))
+            return kept, cut, srv.server.errors
+
+    with caplog.at_level(logging.ERROR, logger="monkestream"):
+        kept, cut, errors = asyncio.run(main())
+    heads = re.findall(rb"HTTP/1\.1 (\d+) [^\r]*\r\n((?:[^\r]+\r\n)*)\r\n(\{[^}]*\})", kept)
+    assert [(status, json.loads(body)) for status, _, body in heads] == [
+        (b"418", {"error": "short and stout"}), (b"500", {"error": "internal error"}),
+        (b"500", {"error": "internal error"}), (b"503", {"error": "the disk is full"})]
+    assert b"X-Spout: 1\r\n" in heads[0][1] and b"Retry-After: 7\r\n" in heads[3][1]
+    assert all(b"application/json" in fields for _, fields, _ in heads)
+    assert cut.startswith(b"HTTP/1.1 431 ") and cut.count(b"HTTP/1.1") == 1  # answered, then closed
+    assert b"Connection: close" in cut
+    assert errors == 2  # the two bugs, counted; logged once each, with their traceback
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "monkestream"]
+    assert [r.exc_info[1].args[0] for r in logged] == ["a bug", "another bug"]
