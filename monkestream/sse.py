@@ -6,7 +6,7 @@ Rule 1: an event is serialized once, to bytes, and those bytes are what every
         subscriber receives; nothing here does I/O.
 Rule 2: the encoder never emits a frame a conforming parser would read
         differently: lines end in LF, ``data`` is split on CRLF, CR or LF
-        (WHATWG HTML §9.2.5), and ``id``/``event`` refuse line breaks and NUL.
+        (WHATWG HTML §9.2.5); ``id`` refuses line breaks and NUL, ``event`` line breaks.
 Rule 3: ids have the form ``EPOCH-SEQ``. The epoch is fixed for the life of one
         server run and grows from run to run, so an id names one event forever
         and ids order correctly across restarts.

@@ -9,8 +9,12 @@ that the bench reports each kind of flaw on the streams that have it.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
+import selectors
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +22,9 @@ import threading
 import pytest
 
 from monkestream.bench import main
+from monkestream.bench.publisher import PubConn, Publisher
+from monkestream.bench.reader import INITIAL, Reader, Share, Target, _Stream
+from monkestream.bench.shared import Shared
 from monkestream.bench.wire import StreamScanner, hist_index, hist_value, id_number, percentile_us, take_response
 from monkestream.sse import EventId, encode_comment, encode_event, encode_retry
 
@@ -94,7 +101,7 @@ def _feed_in_pieces(stream: bytes, cuts: list[int]) -> tuple[StreamScanner, list
     return scanner, events
 
 
-def test_scanner_counts_each_event_once_whatever_the_split():
+def test_bench_rule_1_the_scanner_counts_each_event_once_whatever_the_split():
     stream, expected = _chunked_stream()
     assert _feed_in_pieces(stream, [])[1] == expected
     assert _feed_in_pieces(stream, list(range(1, len(stream))))[1] == expected
@@ -105,7 +112,7 @@ def test_scanner_counts_each_event_once_whatever_the_split():
         assert scanner.first_id == b"0-7" and scanner.last_id == bench_id(100_000_001)
 
 
-def test_scanner_counts_only_the_symbols_price_updates():
+def test_bench_rule_1_the_scanner_counts_only_the_symbols_price_updates():
     head = b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
     stream = head + price_event(29) + _other_events() + price_event(31)
     expected = [(29, bench_id(29)), (30, b"0-53"), (31, bench_id(31))]
@@ -201,7 +208,9 @@ class ContractServer:
     catch: ``dup`` replays to a resuming stream the last price it already had,
     ``skip`` leaves out the first price it missed, ``swap`` replays its first two
     missed prices in the wrong order, ``late_dup`` sends a stream opened while
-    publishing its first live price twice, ``late_skip`` never sends it.
+    publishing its first live price twice, ``late_skip`` never sends it,
+    ``lose`` never sends the first stream every fourth price, ``mute`` answers no
+    POST and ``silent`` answers nothing at all.
     """
 
     def __init__(self, token: str, flaw: str | None = None) -> None:
@@ -244,7 +253,7 @@ class ContractServer:
             frames += self._replay(last_id, rooms)
         frames.append(b"id: %s\n\n" % str(EventId(EPOCH, self.seq)).encode())
         writer.write(chunk(b"".join(frames)))
-        self.streams[writer] = {"rooms": rooms, "fresh": self.seq > 0 and not last_id}
+        self.streams[writer] = {"rooms": rooms, "fresh": self.seq > 0 and not last_id, "first": not self.streams}
         await reader.read()  # until the client leaves
 
     def _publish(self, price: int) -> None:
@@ -257,12 +266,17 @@ class ContractServer:
             text = json.dumps({"text": f'"symbol":"BENCH","price":{price}'})
             room = chunk(self._numbered("comment_posted", text, room=True))
         for stream, info in self.streams.items():
+            if self.flaw == "lose" and info["first"] and price % 4 == 0:
+                continue
             copies = {"late_dup": 2, "late_skip": 0}.get(self.flaw, 1) if info["fresh"] else 1
             info["fresh"] = False
             stream.write(data * copies + (room if info["rooms"] else b""))
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if self.flaw == "silent":
+                await reader.read()
+                return
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
                 method = head.split(" ", 1)[0]
@@ -271,6 +285,9 @@ class ContractServer:
                 body = await reader.readexactly(length)
                 if method != "POST":
                     await self._stream(reader, writer, head)
+                    return
+                if self.flaw == "mute":
+                    await reader.read()
                     return
                 if f"authorization: bearer {self.token}\r\n" not in head.lower():
                     writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
@@ -415,3 +432,123 @@ def test_refuses_addresses_that_are_not_loopback(capsys):
 def test_refuses_settings_out_of_bounds(capsys):
     assert main(["--duration", "100000"]) == 2
     assert "--duration" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the module's rules
+
+TARGET = Target(("127.0.0.1", 9), socket.AF_INET, "127.0.0.1:9")
+
+
+class _RecordingSocket:
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.sent: list[tuple[float, bytes]] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.sent.append((self.shared.sent[1], data))  # what the readers would see for seq 1 by now
+
+
+def _reader(shared: Shared, streams: int) -> tuple[Reader, list[_Stream]]:
+    """A reader process's accounting, without its process: ``streams`` initial streams, live."""
+    opts = argparse.Namespace(max_events=64, token=None, stream_path="/ticker/%s/event", symbol="BENCH", pub_conns=1)
+    reader = Reader(opts, TARGET, Share(0, streams), None, shared)  # type: ignore[arg-type]
+    reader.t0, reader.t1 = 100.0, 200.0
+    live = []
+    for i in range(streams):
+        stream = _Stream(INITIAL, f"stream 0.{i}", "BENCH")
+        stream.waiting, stream.live = False, True
+        stream.scanner.feed(SSE_HEAD)
+        live.append(stream)
+    reader.streams, reader.live = live, streams
+    return reader, live
+
+
+def test_bench_rule_2_the_send_time_is_shared_before_the_post_and_latency_is_taken_on_receipt():
+    shared = Shared(64)
+    try:
+        opts = argparse.Namespace(token=None, symbol="BENCH", pub_conns=1, pipeline=1, connect_timeout=1.0)
+        publisher = Publisher(opts, TARGET, selectors.DefaultSelector(), shared)
+        sock = _RecordingSocket(shared)
+        conn = PubConn(0, sock)  # type: ignore[arg-type]
+        publisher.conns.append(conn)
+        assert publisher.publish(conn, 150.0) == 1
+        ((sent_at, post),) = sock.sent
+        assert sent_at == 150.0 and post.startswith(b"POST /ticker/BENCH/price ") and b'"price": 1' in post
+        reader, (stream,) = _reader(shared, 1)
+        reader._account(stream, chunk(price_event(1)), 150.25)
+        assert sum(reader.hist) == 1 and reader.hist[hist_index(250_000)] == 1 and reader.max_us == 250_000
+    finally:
+        shared.close()
+
+
+def test_bench_rule_3_an_event_counts_in_the_window_iff_it_was_sent_inside_it():
+    shared = Shared(64)
+    try:
+        reader, (stream,) = _reader(shared, 1)
+        for seq, sent in ((1, 99.5), (2, 100.0), (3, 199.5), (4, 200.0)):  # the window is [100, 200)
+            shared.sent[seq] = sent
+        reader._account(stream, chunk(b"".join(price_event(seq) for seq in range(1, 5))), 250.0)
+        assert sum(reader.hist) == 2  # seqs 2 and 3, whenever they were received
+        assert reader.hist[hist_index(150_000_000)] == reader.hist[hist_index(50_500_000)] == 1
+    finally:
+        shared.close()
+
+
+def test_bench_rule_4_a_reader_reports_a_seq_once_all_its_initial_streams_have_it():
+    shared = Shared(64)
+    try:
+        reader, (first, second) = _reader(shared, 2)
+        reader._account(first, chunk(price_event(1) + price_event(2)), 150.0)
+        assert list(reader.done) == []
+        reader._account(second, chunk(price_event(2)), 150.0)
+        assert list(reader.done) == [2]
+        reader._account(second, chunk(price_event(1)), 150.0)
+        assert list(reader.done) == [2, 1]
+    finally:
+        shared.close()
+
+
+@pytest.mark.parametrize("server_port", ["lose"], indirect=True)
+def test_bench_rule_4_a_lossy_server_cannot_stall_a_closed_loop_run(server_port):
+    """Every fourth price never reaches one stream; each holds the window of 4 only for --window-timeout."""
+    figures = run_bench(server_port, "--window", "4", "--window-timeout", "0.05", "--drain-idle", "0.3")
+    assert figures["mode"] == "closed_loop" and figures["connected"] == 20
+    assert figures["published_window"] > 50  # stalled, it would be stuck after the first four lost
+    assert figures["window_timeouts"] > 0
+    assert figures["clients_missing"] == 1 and figures["missing_total"] >= figures["published_window"] // 4 - 1
+    assert figures["dup_total"] == figures["ooo_total"] == 0
+
+
+REAPED = """
+import json, os, sys
+from monkestream.bench import main
+status = main(sys.argv[1:])
+children = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        continue
+    if ppid == os.getpid():
+        children.append(pid)
+print("REAPED", json.dumps({"status": status, "children": children}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(("server_port", "status"), [("silent", 1), ("mute", 0)], indirect=["server_port"])
+def test_bench_rule_5_a_run_ends_by_itself_and_reaps_its_workers(server_port, status):
+    """A server that never answers a stream (the connect phase's deadline), or never answers a POST (the rest)."""
+    argv = ["--port", str(server_port), "--clients", "4", "--workers", "2", "--duration", "0.3", "--warmup", "0",
+            "--drain", "0.5", "--drain-idle", "0.2", "--settle", "0", "--connect-timeout", "0.5", "--json",
+            "--quiet", "--token", TOKEN]
+    done = subprocess.run([sys.executable, "-c", REAPED, *argv], capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S, check=False, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    line = [text for text in done.stderr.splitlines() if text.startswith("REAPED ")]
+    assert line, done.stderr
+    assert json.loads(line[0].split(" ", 1)[1]) == {"status": status, "children": []}
+    if status == 0:
+        figures = json.loads(done.stdout)
+        assert figures["connected"] == 4 and figures["pub_acked"] == 0 and not figures["drain_complete"]
+    else:
+        assert "no stream connected" in done.stderr

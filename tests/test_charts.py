@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from monkestream.charts import WINDOWS, ChartCache
 from monkestream.clock import VirtualScheduler
+from monkestream.store import Store
 from monkestream.ticker import Ticker
 
 
@@ -13,7 +16,7 @@ def tick(symbol: str, t: int, price: str = "1") -> Ticker:
     return Ticker(symbol, price, "USD", t)
 
 
-def test_each_window_keeps_its_own_spacing():
+def test_charts_rule_1_each_window_keeps_its_own_spacing():
     cache = ChartCache()
     for t in (0, 5, 10, 59, 60, 65, 1799, 1800):
         cache.add_point(tick("A", t))
@@ -23,7 +26,7 @@ def test_each_window_keeps_its_own_spacing():
     assert times["1d"] == [0, 1800]
 
 
-def test_series_and_symbols_are_bounded():
+def test_charts_rule_2_series_and_symbols_are_bounded():
     cache = ChartCache(max_symbols=2)
     for t in range(0, 10_000, 5):
         cache.add_point(tick("A", t))
@@ -41,7 +44,7 @@ def test_points_are_limited_to_the_window_span():
     assert str(cache.points("A", "1h", now=1200)[0]["price"]) == "2.5"
 
 
-def test_pipeline_takes_the_first_price_of_each_symbol_per_five_seconds():
+def test_charts_rule_1_the_pipeline_takes_the_first_price_of_each_symbol_per_five_seconds():
     async def main():
         scheduler = VirtualScheduler()
         queue: asyncio.Queue[Ticker | None] = asyncio.Queue()
@@ -63,3 +66,25 @@ def test_pipeline_takes_the_first_price_of_each_symbol_per_five_seconds():
         assert [p for _, p in cache.series["B"]["5m"]] == ["7", "8"]
         assert scheduler.pending == 0
     asyncio.run(main())
+
+
+@pytest.mark.xfail(strict=True, reason="charts Rule 3: warming takes the first ticker of each step-aligned bucket "
+                                       "(store.chart_seed), the live chart a point one full step after its last")
+def test_charts_rule_3_a_chart_warmed_from_sqlite_is_sampled_as_the_live_one_was(tmp_path):
+    ticks = [tick("A", t, str(t)) for t in (50, 70, 110, 125)]
+    live = ChartCache()
+    for ticker in ticks:
+        live.add_point(ticker)
+
+    async def seed() -> list[Ticker]:
+        store = Store(str(tmp_path / "warm.db"))
+        await store.open()
+        await store.append_tickers(list(enumerate(ticks, 1)), len(ticks), len(ticks))
+        rows = await store.chart_seed(0, WINDOWS["1h"].step_s, 100)
+        await store.close(len(ticks))
+        return rows
+
+    warmed = ChartCache()
+    warmed.warm("1h", asyncio.run(seed()))
+    assert [t for t, _ in live.series["A"]["1h"]] == [50, 110]
+    assert [t for t, _ in warmed.series["A"]["1h"]] == [50, 110]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +18,7 @@ from monkestream.clock import (
 
 
 @marble_test
-async def test_callbacks_run_in_time_order_with_ties_fifo(scheduler: VirtualScheduler) -> None:
+async def test_clock_rule_4_callbacks_run_in_time_order_with_ties_fifo(scheduler: VirtualScheduler) -> None:
     seen: list[tuple[str, float]] = []
 
     def note(name: str):
@@ -37,7 +39,7 @@ async def test_callbacks_run_in_time_order_with_ties_fifo(scheduler: VirtualSche
 
 
 @marble_test
-async def test_cancel_is_idempotent_and_counts_once(scheduler: VirtualScheduler) -> None:
+async def test_clock_rule_3_cancel_is_idempotent_and_counts_once(scheduler: VirtualScheduler) -> None:
     ran: list[int] = []
     timer = scheduler.call_later(1.0, lambda: ran.append(1))
     timer.cancel()
@@ -94,7 +96,7 @@ async def test_sleep_wakes_at_its_virtual_time(scheduler: VirtualScheduler) -> N
 
 
 @marble_test
-async def test_cancelled_sleep_removes_its_timer(scheduler: VirtualScheduler) -> None:
+async def test_clock_rule_6_a_cancelled_sleep_removes_its_timer(scheduler: VirtualScheduler) -> None:
     task = asyncio.create_task(scheduler.sleep(10.0))
     await scheduler.advance(1.0)
     assert scheduler.pending == 1
@@ -113,7 +115,7 @@ async def test_sleep_zero_only_yields(scheduler: VirtualScheduler) -> None:
 
 
 @marble_test
-async def test_advance_lets_a_chain_of_tasks_finish_between_timers(
+async def test_clock_rule_5_advance_lets_a_chain_of_tasks_finish_between_timers(
     scheduler: VirtualScheduler,
 ) -> None:
     """A wake-up handed through several queues lands before the next timer."""
@@ -146,7 +148,7 @@ async def test_advance_lets_a_chain_of_tasks_finish_between_timers(
 
 
 @marble_test
-async def test_advance_refuses_to_go_backwards(scheduler: VirtualScheduler) -> None:
+async def test_clock_rule_2_advance_refuses_to_go_backwards(scheduler: VirtualScheduler) -> None:
     await scheduler.advance(1.0)
     with pytest.raises(ValueError):
         await scheduler.advance(-0.5)
@@ -240,3 +242,40 @@ def test_asyncio_scheduler_uses_the_loop() -> None:
 def test_default_scheduler_needs_a_running_loop() -> None:
     with pytest.raises(RuntimeError):
         default_scheduler()
+
+
+
+def _reads_the_loop(node: ast.expr) -> bool:
+    """``loop``, ``self._loop``, ``asyncio.get_running_loop()``: an expression naming an event loop."""
+    if isinstance(node, ast.Call):
+        return isinstance(node.func, ast.Attribute) and node.func.attr in ("get_running_loop", "get_event_loop")
+    name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+    return "loop" in name.lower()
+
+
+def _own_waits_and_clock_reads(source: str) -> list[str]:
+    """Where ``source`` sleeps, times out or reads the time on asyncio's own clock rather than a scheduler's."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module == "asyncio":
+            found += [f"{node.lineno}: from asyncio import {a.name}" for a in node.names
+                      if a.name in ("sleep", "wait_for", "timeout")]
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        owner, attr = node.func.value, node.func.attr
+        if (isinstance(owner, ast.Name) and owner.id == "asyncio" and attr in ("sleep", "wait_for", "timeout")
+                or attr in ("time", "call_later", "call_at") and _reads_the_loop(owner)):
+            found.append(f"{node.lineno}: {ast.unparse(node.func)}()")
+    return sorted(found, key=lambda where: int(where.partition(":")[0]))
+
+
+def test_clock_rule_1_library_code_waits_and_reads_the_time_only_through_a_scheduler() -> None:
+    sample = ("import asyncio, time\nasync def f(loop, scheduler):\n    loop.time()\n    await asyncio.sleep(1)\n"
+              "    asyncio.get_running_loop().call_later(1, f)\n    time.time()\n    scheduler.now()\n")
+    assert _own_waits_and_clock_reads(sample) == [
+        "3: loop.time()", "4: asyncio.sleep()", "5: asyncio.get_running_loop().call_later()"]
+    package = Path(__file__).resolve().parent.parent / "monkestream"
+    offenders = {path.relative_to(package).as_posix(): found for path in sorted(package.rglob("*.py"))
+                 if path.name != "clock.py"
+                 and (found := _own_waits_and_clock_reads(path.read_text(encoding="utf-8")))}
+    assert offenders == {}

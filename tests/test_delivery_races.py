@@ -285,7 +285,7 @@ def _comment_ids(events) -> list[int]:
     return [json.loads(e.data)["id"] for e in _of_type(events, "comment_posted")]
 
 
-def test_a_resume_read_from_sqlite_never_loses_room_events_published_during_the_read(tmp_path):
+def test_replay_rule_2_a_resume_read_from_sqlite_never_loses_room_events_published_during_the_read(tmp_path):
     symbol = "GAPT"
     args = ["--no-demo", "--replay-events", "8", "--flush-interval", "0.1",
             "--comment-rate", "100000", "--comment-burst", "100000"]

@@ -240,7 +240,7 @@ def test_chunked_total_at_max_body_is_accepted():
 # -- pipelining, keep-alive, progress --------------------------------------------
 
 
-def test_three_pipelined_requests_in_one_feed():
+def test_http11_rule_1_three_pipelined_requests_come_out_one_per_call():
     data = get("/a") + post(b"xyz", "Content-Length: 3") + post(b"1\r\nq\r\n0\r\n\r\n", CHUNKED)
     parser = RequestParser()
     parser.feed(data)
@@ -250,7 +250,7 @@ def test_three_pipelined_requests_in_one_feed():
     assert not parser.in_progress
 
 
-def test_bytes_after_a_request_stay_buffered():
+def test_http11_rule_1_bytes_after_a_request_stay_buffered():
     parser = RequestParser()
     parser.feed(get("/a") + b"GET /b HT")
     assert parser.next_request().path == "/a"
@@ -286,7 +286,7 @@ def test_connection_fields_are_combined():
     assert not one(get("/", "Connection: upgrade", "Connection: close")).keep_alive
 
 
-def test_nothing_is_read_after_a_closing_request():
+def test_http11_rule_7_nothing_is_read_after_a_closing_request():
     parser = RequestParser()
     parser.feed(get("/a", "Connection: close") + get("/b"))
     assert parser.next_request().path == "/a"
@@ -540,7 +540,7 @@ def test_413_is_raised_from_the_head():
     ],
     ids=["tls", "h2-preface", "http09", "bare-lf", "long-line", "big-head"],
 )
-def test_errors_are_raised_as_soon_as_detectable(prefix, status):
+def test_http11_rule_4_errors_are_raised_as_soon_as_detectable(prefix, status):
     parser = RequestParser()
     parser.feed(prefix)
     with pytest.raises(ProtocolError) as info:
@@ -568,7 +568,7 @@ def test_negative_body_limit_is_refused():
         RequestParser(max_body_bytes=-1)
 
 
-def test_error_poisons_the_parser():
+def test_http11_rule_3_an_error_poisons_the_parser():
     parser = RequestParser()
     parser.feed(post(b"0\r\n\r\n" + get("/smuggled"), "Content-Length: 5", CHUNKED))
     with pytest.raises(ProtocolError) as first:
@@ -674,7 +674,7 @@ MUTATION_BASES = [v for k, v in VALID.items() if k != "many-headers"]
     st.lists(st.tuples(st.integers(0, 400), st.sampled_from("rid"), st.binary(min_size=1, max_size=3)), min_size=1, max_size=4),
     st.lists(st.integers(0, 600), max_size=10),
 )
-def test_mutated_requests_agree_however_split(base, mutations, points):
+def test_http11_rule_5_mutated_requests_agree_however_split(base, mutations, points):
     data = bytearray(base + get("/next"))
     for position, operation, blob in mutations:
         position %= len(data) + 1
@@ -710,7 +710,7 @@ AMBIGUOUS = [
 
 @PROPERTY
 @given(st.sampled_from(AMBIGUOUS), st.lists(st.integers(0, 200), max_size=6))
-def test_ambiguous_framing_never_yields_a_request(data, points):
+def test_http11_rule_2_ambiguous_framing_never_yields_a_request(data, points):
     requests, status = run(split(data, [p for p in points if p <= len(data)]))
     assert requests == []
     assert status in (400, 501)
@@ -873,3 +873,32 @@ def test_urllib_against_a_loopback_server():
     assert (request.path, request.query_params()) == ("/publish", {"topic": ["DOGE"]})
     assert request.body == b"x" * 40
     assert request.header("user-agent").startswith("Python-urllib/")
+
+
+class _SearchCountingBuffer(bytearray):
+    """The parser's buffer, counting the bytes its ``find`` calls search."""
+
+    searched = 0
+
+    def find(self, sub, start=None, end=None):  # type: ignore[override]
+        low, high, _ = slice(start, end).indices(len(self))
+        self.searched += max(0, high - low)
+        return super().find(sub, start, end)
+
+
+@pytest.mark.parametrize("cut", ["request-line", "fields"])
+def test_http11_rule_6_a_head_fed_byte_by_byte_is_searched_once(cut):
+    """An 8 KiB head in 8,000 feeds: each search resumes where the last stopped, not from the start (32 MB)."""
+    if cut == "request-line":
+        data = get("/" + "a" * (MAX_REQUEST_LINE_BYTES - 100))
+    else:
+        data = get("/", *[f"X-{i}: {'v' * 90}" for i in range(80)])
+    parser = RequestParser()
+    buffer = parser._buf = _SearchCountingBuffer()
+    for i in range(len(data) - 1):
+        parser.feed(data[i : i + 1])
+        assert parser.next_request() is None
+    parser.feed(data[-1:])
+    assert parser.next_request().path == "/" + ("a" * (MAX_REQUEST_LINE_BYTES - 100) if cut == "request-line" else "")
+    assert len(data) > 7000
+    assert buffer.searched < 5 * len(data)  # per feed: its byte and the few before it that a CRLFCRLF may share

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from monkestream import CloseReason, EventId, Hub, Policy
+from monkestream.clock import VirtualScheduler
 from monkestream.hub import Backlog, Stream
 
 
@@ -136,7 +137,7 @@ def test_batches_take_everything_queued():
     run(main())
 
 
-def test_push_streams_get_one_write_per_flush_with_shared_bytes():
+def test_hub_rule_4_push_streams_get_one_write_per_flush_with_shared_bytes():
     async def main():
         hub = Hub(wire_framing=lambda b: b"<" + b + b">")
         sinks = [FakeSink() for _ in range(3)]
@@ -192,7 +193,7 @@ def test_a_paused_stream_on_a_conflating_topic_gets_only_the_latest_on_resume():
     run(main())
 
 
-def test_a_paused_lossless_stream_is_closed_past_its_cap():
+def test_hub_rule_5_a_paused_lossless_stream_is_closed_past_its_cap():
     async def main():
         hub = Hub()
         sink = FakeSink()
@@ -362,4 +363,37 @@ def test_hub_rule_6_ids_assigned_elsewhere_are_carried_and_must_grow():
         with pytest.raises(ValueError):
             hub.publish("t", "e", 3, event_id=EventId(1700000000000, 5))
         assert [e.data for e in sub.drain()] == [1, 2]
+    run(main())
+
+
+def test_hub_rule_8_the_hub_owns_no_task_and_its_times_come_from_its_scheduler():
+    made_before_any_loop = Hub()
+
+    async def main():
+        only_me = asyncio.all_tasks()
+        scheduler = VirtualScheduler(start=100.0)
+        for hub in (Hub(scheduler=scheduler, conflate=lambda t: True), made_before_any_loop):
+            sub = hub.subscribe("t")
+            sink = FakeSink()
+            stream = Stream(["t"], sink, send_framed=sink.framed.append)
+            hub.open_stream(stream)
+            first = hub.publish("t", "e", 1)
+            hub.pause(stream)  # writes what is pending first (Rule 3)
+            second = hub.publish("t", "e", 2)
+            await asyncio.sleep(0)  # the flush: a call_soon callback, not a task
+            assert asyncio.all_tasks() == only_me and scheduler.pending == 0
+            hub.resume(stream)
+            written = b"".join(sink.framed + sink.sent)
+            assert written.count(first.frame) == written.count(second.frame) == 1
+            assert [e.data for e in sub.drain()] == [1, 2]
+            sub.close()
+            hub.close_stream(stream)
+            assert hub.is_idle() and asyncio.all_tasks() == only_me
+        await scheduler.advance(5.0)
+        hub = Hub(scheduler=scheduler)
+        stream = Stream(["u"], FakeSink())
+        hub.open_stream(stream)
+        hub.publish("u", "e", 1)
+        hub.pause(stream)
+        assert hub.topic("u").last_publish == stream.paused_at == 105.0  # virtual time, not the loop's
     run(main())

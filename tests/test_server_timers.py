@@ -15,6 +15,8 @@ import asyncio
 import random
 from typing import Callable
 
+import pytest
+
 from marbles import marble_test
 from monkestream.app import App
 from monkestream.clock import VirtualScheduler
@@ -245,18 +247,29 @@ async def test_streams_are_closed_at_their_maximum_age(scheduler: VirtualSchedul
 # -- request timeouts -----------------------------------------------------------------
 
 
-@marble_test
-async def test_a_request_that_does_not_arrive_in_time_gets_408(scheduler: VirtualScheduler) -> None:
-    server = await started(scheduler, header_timeout=3.0)
-    await at(scheduler, 0.25)
-    _, trickler = await connect(server, b"GET /t/A HTTP/1.1\r\n")
-    await happens_at(scheduler, 3.25, lambda: trickler.closed)
-    assert len(trickler.writes) == 1 and trickler.writes[0].startswith(b"HTTP/1.1 408 ")
-    await server.stop()
+@pytest.mark.parametrize(("first", "more"), [
+    (b"GET /t/A HTTP/1.1\r\n", b"Host: x\r\n"),
+    (b"POST /t/A HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc", b"def"),
+], ids=["head", "body"])
+def test_server_rule_4_a_request_that_does_not_arrive_in_time_gets_408(first: bytes, more: bytes) -> None:
+    """Its head, or its body, trickles in: the deadline counts from its first byte, whatever follows."""
+
+    @marble_test
+    async def run(scheduler: VirtualScheduler) -> None:
+        server = await started(scheduler, header_timeout=3.0)
+        await at(scheduler, 0.25)
+        conn, trickler = await connect(server, first)
+        await at(scheduler, 2.0)
+        conn.data_received(more)
+        await happens_at(scheduler, 3.25, lambda: trickler.closed)
+        assert len(trickler.writes) == 1 and trickler.writes[0].startswith(b"HTTP/1.1 408 ")
+        await server.stop()
+
+    run()
 
 
 @marble_test
-async def test_an_idle_keepalive_connection_closes_at_its_timeout(scheduler: VirtualScheduler) -> None:
+async def test_server_rule_4_an_idle_keepalive_connection_closes_at_its_timeout(scheduler: VirtualScheduler) -> None:
     server = await started(scheduler, keepalive_timeout=5.0)
     _, idle = await connect(server, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
     assert idle.writes[0].startswith(b"HTTP/1.1 404 ")
@@ -267,7 +280,7 @@ async def test_an_idle_keepalive_connection_closes_at_its_timeout(scheduler: Vir
 # -- one clock ------------------------------------------------------------------------
 
 
-def test_the_app_gives_its_one_scheduler_to_every_part(tmp_path) -> None:
+def test_app_rule_2_the_app_gives_its_one_scheduler_to_every_part(tmp_path) -> None:
     scheduler = VirtualScheduler()
     app = App(Config(port=0, db=str(tmp_path / "one.db"), no_demo=True), scheduler)
     assert app.hub.scheduler is scheduler
@@ -275,7 +288,31 @@ def test_the_app_gives_its_one_scheduler_to_every_part(tmp_path) -> None:
     assert app.ingest.scheduler is scheduler
 
 
-def test_the_server_uses_the_hubs_scheduler_unless_told_otherwise() -> None:
+def test_server_rule_5_the_server_uses_the_hubs_scheduler_unless_told_otherwise() -> None:
     scheduler = VirtualScheduler()
     hub = Hub(scheduler=scheduler)
     assert Server(Config(), hub, Router()).scheduler is scheduler
+
+
+# -- the module's rules not covered above --------------------------------------------------
+
+
+@marble_test
+async def test_server_rule_3_a_stream_costs_no_task_and_no_timer_of_its_own(scheduler: VirtualScheduler) -> None:
+    server = await started(scheduler, heartbeat=1.0, stall_timeout=2.0, max_stream_age=60)
+    tasks, timers = len(asyncio.all_tasks()), scheduler.pending
+    assert timers == 1  # the shared tick
+    streams = [await open_stream(server, f"T{i % 3}") for i in range(30)]
+    assert len(asyncio.all_tasks()) == tasks and scheduler.pending == timers
+    server.hub.publish("T0", "e", 1)
+    slow, blocked = streams[2]
+    blocked.buffered = 10_000
+    slow.pause_writing()
+    await at(scheduler, 2.0)  # a heartbeat round, from the one tick, to the quiet streams
+    assert all(transport.heartbeats() == 1 for _, transport in streams[1::3] if transport is not blocked)
+    assert len(asyncio.all_tasks()) == tasks and scheduler.pending == timers
+    await at(scheduler, 3.0)  # the same tick closes the stalled one
+    assert blocked.closed and server.hub.closed_by_reason[CloseReason.PEER_GONE] == 1
+    await at(scheduler, 5.0)  # no longer a stream: its socket is let go a stall timeout later
+    assert blocked.aborted and len(asyncio.all_tasks()) == tasks and scheduler.pending == timers
+    await server.stop()

@@ -7,12 +7,17 @@ same events every time.
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import monkestream.hub
+from monkestream.hub import Hub, Stream
 from monkestream.sse import (
     EventId,
     EventStreamParser,
@@ -247,7 +252,7 @@ VECTORS = {
 
 
 @pytest.mark.parametrize("name", sorted(VECTORS))
-def test_parser_vectors(name):
+def test_sse_rule_4_parser_vectors(name):
     stream, expected = VECTORS[name]
     assert parse_every_way(stream) == expected
 
@@ -305,7 +310,7 @@ _EVENT = st.tuples(st.none() | _NO_LINE_BREAK, _DATA, st.none() | _ID)
 
 @settings(max_examples=300, deadline=None)
 @given(events=st.lists(_EVENT, min_size=1, max_size=5), data=st.data())
-def test_encode_then_parse_round_trips(events, data):
+def test_sse_rule_2_encode_then_parse_round_trips(events, data):
     stream = b"".join(encode_event(name, body, event_id) for name, body, event_id in events)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
     parser = EventStreamParser()
@@ -327,3 +332,55 @@ def test_encode_then_parse_round_trips(events, data):
 def test_any_name_with_a_line_break_is_rejected(name):
     with pytest.raises(ValueError):
         encode_event(name, "x")
+
+
+# ---------------------------------------------------------------- the module's rules
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.framed: list[bytes] = []
+
+    def send(self, frames: bytes) -> None:
+        self.sent.append(frames)
+
+    def buffered(self) -> int:
+        return 0
+
+    def hub_closed(self, reason: object) -> None:
+        pass
+
+
+def test_sse_rule_1_an_event_is_serialized_once_and_every_subscriber_gets_those_bytes(monkeypatch):
+    encoded = []
+    real = monkestream.hub.encode_event
+    monkeypatch.setattr(monkestream.hub, "encode_event", lambda *args: encoded.append(args) or real(*args))
+
+    async def main():
+        hub = Hub(epoch=1)
+        subs = [hub.subscribe("t") for _ in range(2)]
+        shared, own = [_Sink(), _Sink()], _Sink()
+        for sink in shared:
+            hub.open_stream(Stream(["t"], sink, send_framed=sink.framed.append))
+        hub.open_stream(Stream(["t"], own))
+        event = hub.publish("t", "price_update", {"price": 1})
+        await asyncio.sleep(0)
+        assert len(encoded) == 1
+        received = [sub.drain()[0].frame for sub in subs] + [sink.framed[-1] for sink in shared] + [own.sent[-1]]
+        assert all(frame is event.frame for frame in received)  # one bytes object, no copy, no re-encoding
+
+    asyncio.run(main())
+    source = (Path(__file__).resolve().parent.parent / "monkestream" / "sse.py").read_text(encoding="utf-8")
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source))
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= {"__future__", "re", "dataclasses", "typing"}  # nothing that does I/O
+
+
+def test_sse_rule_2_a_nul_in_an_event_name_is_read_back_as_it_was_sent():
+    # WHATWG HTML §9.2.6 ignores an id holding NUL, so the encoder refuses one; an event type may hold it
+    assert parse_every_way(encode_event("a\x00b", "x", "1-1")) == [ev("x", "1-1", "a\x00b")]
+    with pytest.raises(ValueError):
+        encode_event("a", "x", "1\x00")

@@ -71,7 +71,7 @@ def test_if_none_match_answers_304_without_a_body(server, path):
 
 
 @pytest.mark.parametrize("path", FILES)
-def test_gzip_when_the_client_accepts_it(server, path):
+def test_static_rule_3_the_gzip_form_has_its_own_etag_and_either_is_a_304(server, path):
     name, content_type = FILES[path]
     _, plain, _ = request(server.port, "GET", path)
     status, headers, body = request(server.port, "GET", path, headers={"Accept-Encoding": "gzip, deflate, br"})
@@ -128,7 +128,7 @@ def test_unknown_files_are_404_json(server, path):
     "/static/..%5Capp.py", "/static/%2Fetc%2Fpasswd", "/static//etc/passwd", "/static/./app.js/../../app.py",
     "/static/..", "/static/%2e%2e",
 ])
-def test_paths_outside_the_directory_are_refused(server, target):
+def test_static_rule_2_paths_outside_the_directory_are_refused(server, target):
     answer = raw(server.port, f"GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
     status = int(answer.split(b" ", 2)[1])
     assert status in (400, 404), answer[:200]
@@ -145,7 +145,7 @@ def _exchange(name: str | None, *headers: tuple[str, str]) -> Exchange:
     return Exchange(req, {} if name is None else {"name": name}, "test")
 
 
-def test_files_are_read_once_at_start(tmp_path):
+def test_static_rule_1_files_are_read_once_at_start(tmp_path):
     (tmp_path / "index.html").write_text("<p>first</p>" * 40)
     (tmp_path / "tiny.txt").write_text("hi")
     files = StaticFiles(tmp_path)

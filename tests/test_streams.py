@@ -9,9 +9,20 @@ import time
 
 import pytest
 
+from marbles import marble_test
 from monkestream import CloseReason
-from monkestream.sse import EventId
+from monkestream.clock import VirtualScheduler
+from monkestream.config import Config
+from monkestream.http11 import chunk
+from monkestream.hub import Hub
+from monkestream.replay import Replayer
+from monkestream.routing import Exchange, Router
+from monkestream.server import Connection, Server
+from monkestream.sse import EventId, encode_event
+from monkestream.store import Store
+from monkestream.streams import StreamOpener
 from helpers import AppThread, ServerProcess, SSEClient, healthz, post_tickers, request
+from test_server_timers import FakeTransport, Lowest
 
 
 def publish(port, symbol, *prices):
@@ -75,7 +86,7 @@ def test_last_event_id_query_parameter_for_a_first_connection(server):
         assert prices(client.wait_for(2)) == [2, 3]
 
 
-def test_an_id_too_old_gets_an_explicit_reset(server):
+def test_replay_rule_1_an_id_past_the_ring_is_read_from_sqlite_and_an_unknown_one_gets_a_reset(server):
     publish(server.port, "OLD", *range(1, 201))       # the ring holds 50
     epoch = server.app.hub.epoch
     # every window is on disk: SQLite serves what the ring lost
@@ -90,7 +101,7 @@ def test_an_id_too_old_gets_an_explicit_reset(server):
             assert prices(client.wait_for(2))[-1] == 500
 
 
-def test_room_events_too_old_for_the_ring_are_a_reset(tmp_path):
+def test_replay_rule_1_room_events_too_old_for_the_ring_are_a_reset(tmp_path):
     with AppThread(tmp_path / "r.db", replay_events=3, comment_burst=100) as s:
         with SSEClient(s.port, "/room/lobby/event") as watcher:
             for i in range(6):
@@ -101,7 +112,7 @@ def test_room_events_too_old_for_the_ring_are_a_reset(tmp_path):
             assert client.wait_for(1, name="reset")
 
 
-def test_resume_across_a_restart(tmp_path):
+def test_sse_rule_3_a_restart_has_a_greater_epoch_and_a_resume_crosses_it(tmp_path):
     db = tmp_path / "restart.db"
     with ServerProcess(db, "--no-demo") as srv:
         client = SSEClient(srv.port, "/ticker/RS/event")
@@ -256,9 +267,13 @@ def test_stream_limits(tmp_path):
         assert c.status == 429 and "retry-after" in c.response_headers
         d = SSEClient(s.port, "/ticker/L/event", source="127.0.0.2")
         assert d.status == 200
-        e = SSEClient(s.port, "/ticker/L/event", source="127.0.0.3")
-        assert e.status == 503 and int(e.response_headers["retry-after"]) >= 1
-        assert "error" in json.loads(e.body)
+        status, headers, body = request(s.port, "GET", "/ticker/L/event")   # an API client, or curl
+        assert status == 503 and int(headers["retry-after"]) >= 1 and headers["connection"] == "close"
+        assert "error" in json.loads(body)
+        e = SSEClient(s.port, "/ticker/L/event", source="127.0.0.3")  # an EventSource: come back later
+        assert e.status == 200 and e.response_headers["content-type"] == "text/event-stream"
+        e.pump(1)
+        assert e.closed and e.events == [] and 10000 <= e.parser.retry <= 30000
         a.close()
         wait_until(lambda: len(s.app.server.streams) == 2)
         f = SSEClient(s.port, "/ticker/L/event", source="127.0.0.3")
@@ -304,7 +319,7 @@ def test_chat_flow_with_two_users(server):
     wait_until(lambda: server.app.chat.presence.rooms == {})
 
 
-def test_one_user_in_two_tabs_is_one_member(server):
+def test_chat_rule_1_one_user_in_two_tabs_is_one_member(server):
     watcher = SSEClient(server.port, "/room/tabs/event?user=zed")
     tab1 = SSEClient(server.port, "/room/tabs/event?user=amy")
     tab2 = SSEClient(server.port, "/room/tabs/event?user=amy")
@@ -333,14 +348,14 @@ def test_bad_comments_are_refused(server, body, status, field):
     assert request(server.port, "GET", "/room/bad%20room/comments")[0] == 400
 
 
-def test_comments_are_rate_limited_per_client(tmp_path):
+def test_chat_rule_5_comments_are_rate_limited_per_client(tmp_path):
     with AppThread(tmp_path / "rl.db", comment_burst=3, comment_rate=0.01) as s:
         statuses = [request(s.port, "POST", "/room/r/comments", {"user": "spam", "text": "x"})[0] for _ in range(5)]
         assert statuses == [201, 201, 201, 429, 429]
 
 
 @pytest.mark.parametrize("rate, wait", [(0.25, "4"), (100, "1")])
-def test_a_refused_comment_says_when_the_next_one_will_be_taken(tmp_path, rate, wait):
+def test_chat_rule_5_a_refused_comment_says_when_the_next_one_will_be_taken(tmp_path, rate, wait):
     """Retry-After: the seconds until the bucket holds a token again, rounded up, and at least 1."""
     with AppThread(tmp_path / "ra.db", comment_burst=1, comment_rate=rate) as s:
         assert request(s.port, "POST", "/room/r/comments", {"user": "ann", "text": "one"})[0] == 201
@@ -380,7 +395,7 @@ def test_metrics(server):
     assert 'monkestream_streams_closed_total{reason="slow"}' in samples
 
 
-def test_history_past_the_retention_is_deleted_and_not_replayed(tmp_path):
+def test_store_rule_5_history_past_the_retention_is_deleted_and_not_replayed(tmp_path):
     db = tmp_path / "old.db"
     with AppThread(db) as s:
         publish(s.port, "OLD", 1, 2, 3)
@@ -434,3 +449,131 @@ def test_replay_rule_4_a_long_resume_comes_in_parts_each_within_the_budget(tmp_p
         assert max(sizes) <= budget
         closed = s.call(lambda: s.app.hub.closed_by_reason[CloseReason.CATCH_UP])
         assert closed == parts - 1
+
+
+# -- the module's rules, on virtual time: a real Server and Hub, connections on fake transports ----
+
+
+class Present:
+    """A ``Member`` that records when it is attached and closed; its frame follows the backlog."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def attached(self) -> list[bytes]:
+        self.calls.append("attached")
+        return [encode_event("hello", "{}")]
+
+    def closed(self) -> None:
+        self.calls.append("closed")
+
+
+async def stream_server(scheduler: VirtualScheduler, members: list[Present] | None = None,
+                        budget: int = 65536, **budgets: int) -> Server:
+    """``GET /s/{topic}`` opens a stream through a ``StreamOpener``, with the next of ``members`` present."""
+    hub = Hub(epoch=1, wire_framing=chunk, scheduler=scheduler, limits=budgets)
+    # no topic here is a ticker's: nothing is read from SQLite, so the store is never opened
+    replayer = Replayer(hub, Store(":memory:"), stored_symbol=lambda topic: None, budget_bytes=budget)
+    opener = StreamOpener(hub, replayer)
+
+    def open_one(ex: Exchange):
+        return opener(ex, [ex.params["topic"]], members.pop(0) if members else None)
+
+    router = Router()
+    router.add("GET", "/s/{topic}", open_one, "a stream on one topic")
+    server = Server(Config(port=0, no_demo=True), hub, router, rng=Lowest())
+    await server.start()
+    return server
+
+
+def asking(topic: str, query: str = "", last_id: str | None = None) -> bytes:
+    header = f"Last-Event-ID: {last_id}\r\n" if last_id else ""
+    return f"GET /s/{topic}{query} HTTP/1.1\r\nHost: x\r\n{header}\r\n".encode()
+
+
+def arrive(server: Server, request_bytes: bytes) -> tuple[Connection, FakeTransport]:
+    """A connection whose request is answered in this step; nothing it sets off has run yet."""
+    conn = Connection(server)
+    transport = FakeTransport(conn)
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.data_received(request_bytes)
+    return conn, transport
+
+
+def received(transport: FakeTransport) -> list[tuple[str, str]]:
+    """(type, data) of each event the stream was sent, read as a browser would."""
+    reader = SSEClient(0, "/", connect=False)
+    reader._chunked = True
+    reader._feed(b"".join(transport.writes).partition(b"\r\n\r\n")[2])
+    return [(e.type, e.data) for e in reader.events]
+
+
+@marble_test
+async def test_streams_rule_1_a_stream_resumes_after_the_header_else_the_query_else_where_the_hub_stands(
+        scheduler: VirtualScheduler) -> None:
+    server = await stream_server(scheduler)
+    hub = server.hub
+    ids = [str(hub.publish("room:r", "e", n).id) for n in range(3)]
+    _, both = arrive(server, asking("room:r", f"?lastEventId={ids[0]}", ids[1]))
+    _, query = arrive(server, asking("room:r", f"?lastEventId={ids[0]}"))
+    await scheduler.advance(0)
+    _, neither = arrive(server, asking("room:r"))
+    assert neither.writes[0].startswith(b"HTTP/1.1 200 ")  # its head is out...
+    hub.publish("room:r", "e", 3)  # ...and this comes before it is attached
+    await scheduler.advance(0)
+    hub.publish("room:r", "e", 4)
+    await scheduler.advance(0)
+    assert [data for _, data in received(both)] == ["2", "3", "4"]
+    assert [data for _, data in received(query)] == ["1", "2", "3", "4"]
+    assert [data for _, data in received(neither)] == ["3", "4"]
+    await server.stop()
+
+
+@marble_test
+async def test_streams_rule_2_streams_opened_in_one_step_never_take_the_hub_past_a_topic_budget(
+        scheduler: VirtualScheduler) -> None:
+    server = await stream_server(scheduler, room=2)
+    hub = server.hub
+    opened = [arrive(server, asking(f"room:{name}")) for name in "abc"]  # all answered before any is attached
+    heads = [transport.writes[0] for _, transport in opened]
+    assert [head[:12] for head in heads] == [b"HTTP/1.1 200", b"HTTP/1.1 200", b"HTTP/1.1 503"]
+    assert b"Retry-After: " in heads[2]
+    await scheduler.advance(0)
+    assert sorted(hub.topics) == ["room:a", "room:b"]
+    assert opened[0][0].stream is not None and opened[1][0].stream is not None
+    opened[0][0].connection_lost(None)  # room:a's only stream ends: its topic is given back
+    _, again = arrive(server, asking("room:c"))
+    assert again.writes[0].startswith(b"HTTP/1.1 200 ")
+    await scheduler.advance(0)
+    assert sorted(hub.topics) == ["room:b", "room:c"]
+    await server.stop()
+
+
+@marble_test
+async def test_streams_rule_3_a_member_is_attached_with_its_stream_after_its_backlog_and_closed_once(
+        scheduler: VirtualScheduler) -> None:
+    members = [Present() for _ in range(4)]
+    live, partial, dropped, shut = members
+    server = await stream_server(scheduler, list(members), budget=400)
+    hub = server.hub
+    first = hub.publish("room:r", "e", "x" * 10)
+    hub.publish("room:r", "e", "y" * 10)
+    conn, transport = arrive(server, asking("room:r", last_id=str(first.id)))
+    await scheduler.advance(0)
+    assert live.calls == ["attached"] and conn.stream is not None
+    assert received(transport) == [("e", '"' + "y" * 10 + '"'), ("hello", "{}")]  # the backlog, then its frame
+    for n in range(20):
+        hub.publish("room:r", "e", n * 10**9)  # more than a budget of 400 bytes holds
+    _, cut = arrive(server, asking("room:r", last_id=str(first.id)))
+    await scheduler.advance(0)
+    assert partial.calls == ["closed"] and cut.closed  # sent in part and closed: never attached
+    gone, _ = arrive(server, asking("room:r"))
+    gone.connection_lost(None)  # the client left before its stream was attached
+    await scheduler.advance(0)
+    assert dropped.calls == ["closed"]
+    conn.connection_lost(None)
+    assert live.calls == ["attached", "closed"]
+    arrive(server, asking("room:r"))
+    await scheduler.advance(0)
+    await server.stop()  # whatever ends it
+    assert shut.calls == ["attached", "closed"]
