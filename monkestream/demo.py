@@ -16,7 +16,7 @@ from typing import Callable
 
 from .clock import Scheduler
 from .ingest import IngestRefused
-from .ticker import Ticker
+from .ticker import Ticker, parse_ticker
 
 log = logging.getLogger("monkestream")
 
@@ -67,7 +67,8 @@ class DemoFeed:
             return
         if not first:
             try:
-                self._publish([Ticker(symbol, format(self.next_price(symbol), "f"), "USD", int(self._now()))])
+                self._publish([parse_ticker({"price": format(self.next_price(symbol), "f"), "currency": "USD"},
+                                            symbol, self._now())])
             except IngestRefused:
                 pass
             except Exception:  # noqa: BLE001 - a timer root: logged once per run of failures, counted

@@ -48,6 +48,8 @@ HISTORY_LIMIT_MAX = 10000
 REPLAY_LIMIT_EVENTS = 10000
 COMMENTS_LIMIT_MAX = 500
 PRUNE_CHUNK_ROWS = 10000
+PRUNE_SYMBOLS_MAX = 1_000_000   # symbols one prune walks (far above any --max-topics)
+RUNS_KEPT = 1000                # earlier runs whose ends are known to resumes
 ROWS_PER_INSERT = 100     # rows per INSERT statement: 500 variables, under even old SQLite's 999
 THREAD_NICE = 5           # the SQLite threads' niceness (the loop keeps the process's)
 FAILING_RETRY_S = 5       # what a client is told to wait while the database cannot be written
@@ -198,7 +200,9 @@ class Store:
         (last,) = conn.execute("SELECT COALESCE(MAX(epoch), 0) FROM runs").fetchone()
         epoch = max(now_ms, last + 1)
         conn.execute("INSERT INTO runs (epoch, started_at) VALUES (?, ?)", (epoch, time.time()))
-        self.clean_runs = dict(conn.execute("SELECT epoch, last_seq FROM runs WHERE epoch < ?", (epoch,)))
+        # the latest runs only: a resume from a run older than these is not covered (a reset)
+        self.clean_runs = dict(conn.execute("SELECT epoch, last_seq FROM runs WHERE epoch < ? "
+                                            "ORDER BY epoch DESC LIMIT ?", (epoch, RUNS_KEPT)))
         row = conn.execute("SELECT value FROM meta WHERE key = 'pruned_before'").fetchone()
         self.pruned_before = int(row[0]) if row else 0
         return epoch
@@ -378,7 +382,8 @@ class Store:
 
     def _symbols_sync(self) -> list[str]:
         assert self._rconn is not None
-        return [row[0] for row in self._rconn.execute("SELECT DISTINCT symbol FROM tickers")]
+        return [row[0] for row in self._rconn.execute("SELECT DISTINCT symbol FROM tickers LIMIT ?",
+                                                      (PRUNE_SYMBOLS_MAX,))]
 
     def _prune_chunk_sync(self, symbol: str, before: int) -> int:
         assert self._wconn is not None

@@ -138,8 +138,6 @@ def test_ingest_rule_1_a_price_from_http_comes_in_validated():
     assert all(_validated(t) == t for t in tickers)
 
 
-@pytest.mark.xfail(strict=True, reason="ingest Rule 1: the demo feed builds its tickers itself, not through "
-                                       "parse_ticker, and keeps trailing zeros (0.0730, where HTTP gives 0.073)")
 def test_ingest_rule_1_the_demo_feeds_prices_come_in_validated():
     taken: list[Ticker] = []
 

@@ -8,7 +8,6 @@ import sqlite3
 import threading
 from pathlib import Path
 
-import pytest
 
 import monkestream.store
 from monkestream.sse import EventId
@@ -157,8 +156,6 @@ def _unbounded_selects(source: str) -> list[str]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason="store Rule 4 is not true of two reads: the symbols prune walks "
-                                       "(SELECT DISTINCT symbol) and every earlier run (runs WHERE epoch < ?)")
 def test_store_rule_4_every_query_is_bounded_by_a_limit():
     assert _unbounded_selects('c.execute("SELECT a FROM t LIMIT ?", (1,))\nc.execute("SELECT a FROM t").fetchone()') == []
     assert _unbounded_selects('rows = list(c.execute("SELECT a FROM t"))') == ["SELECT a FROM t"]
