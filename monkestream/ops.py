@@ -792,7 +792,8 @@ def group_by(
     ``max_groups``, a new key beyond the bound ends the group that has gone
     longest without an item (it still delivers what it has queued); a later
     item with that key opens a new group.  New groups wait for the outer
-    consumer in a queue of ``max_groups`` (None: no bound).
+    consumer in a queue of ``max_groups`` (None: ``GROUP_BUFFER_ITEMS``); the
+    pump waits while it is full.
 
     When the source ends, every group ends after its queued items and then
     the outer iterator ends.  A source error (or one from ``key_fn``) is raised
@@ -815,7 +816,8 @@ def group_by(
     async def _group_by(source: AsyncIterable[T]) -> AsyncIterator[GroupedStream[K, T]]:
         it = aiter(source)
         groups: OrderedDict[K, GroupedStream[K, T]] = OrderedDict()
-        outer: _Channel[GroupedStream[K, T]] = _Channel(max_groups)
+        # new groups wait for the outer consumer in a bounded queue too (Rule 4)
+        outer: _Channel[GroupedStream[K, T]] = _Channel(max_groups if max_groups is not None else GROUP_BUFFER_ITEMS)
 
         async def route() -> None:
             try:
