@@ -5,8 +5,9 @@ Theory of operation
 Rule 1: presence counts streams per user and room. ``user_joined`` is
         published when a user's first stream is attached, ``user_left`` when
         their last one closes, so several tabs of one user are one member.
-Rule 2: a new stream starts with a ``members`` event listing everyone present
-        (itself included), so two users see each other however they arrived.
+Rule 2: a new stream's backlog ends with a ``members`` event listing everyone
+        present (itself included, after its own ``user_joined`` when it is the
+        user's first), so two users see each other however they arrived.
 Rule 3: comments are written to SQLite before their ``comment_posted`` event
         is published; a deletion is written before ``comment_deleted``.
 Rule 4: the poster gets a deletion key; only its hash is stored. Deleting

@@ -32,8 +32,8 @@ Rule 4: a push stream receives one write per flush, not one per event. Streams
 Rule 5: memory is bounded whatever a subscriber does. A pull subscriber's queue
         has a size and an overflow policy. A paused push stream keeps, for each
         conflating topic, only the latest event it missed; lossless events are
-        written at each flush (with the conflated events older than them, in
-        id order) until its buffer passes its cap, and it is then closed with
+        written at each flush (merged in id order with every conflated event
+        it holds) until its buffer passes its cap, and it is then closed with
         ``CloseReason.SLOW`` so that it resumes with its Last-Event-ID.
 Rule 6: ids are ``EPOCH-SEQ`` (``sse.EventId``) and only grow. The hub numbers
         events itself (``seq`` counts every event, so ids order events across

@@ -11,7 +11,7 @@ Rule 2: exceptions become responses in exactly one place (``_answer``): an
         ``ProtocolError`` is its status hint and a closed connection, an
         ``Unavailable`` is a 503 with Retry-After (reported where it was
         raised), and anything else is a 500 that is logged once and counted.
-Rule 3: an event stream costs no task and no timer of its own: the hub writes
+Rule 3: a live event stream costs no task and no timer of its own: the hub writes
         to its transport, ``pause_writing``/``resume_writing`` drive the
         slow-consumer policy, and one shared tick sends heartbeats and closes
         streams that stalled or reached their maximum age.
