@@ -631,10 +631,12 @@ class Hub:
         if len(framed) > BIG_BATCH_BYTES:
             self._flush_big(fanout, events, framed)
             return
+        written = 0
         for stream, write in tuple(fanout.writers.items()):
             if not stream.closed:
                 write(framed)
-                self.delivered += len(events)
+                written += 1
+        self.delivered += len(events) * written
 
     def _flush_big(self, fanout: Fanout, events: list[Event], framed: bytes) -> None:
         """A large batch goes whole only to streams that are keeping up (nothing unsent).

@@ -10,24 +10,7 @@ import pytest
 from monkestream import EventId, Hub
 from monkestream.clock import VirtualScheduler
 from monkestream.hub import EVENT_OVERHEAD_BYTES, Stream, TopicLimit
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def send(self, frames: bytes) -> None:
-        self.sent.append(frames)
-
-    def buffered(self) -> int:
-        return 0
-
-    def hub_closed(self, reason) -> None:
-        pass
+from test_hub import FakeSink, run
 
 
 def test_hub_rule_7_each_kind_has_its_budget_and_a_full_one_takes_no_id():
@@ -60,7 +43,7 @@ def test_hub_rule_7_reserve_is_all_or_none_and_holds_topics_until_released():
 def test_hub_rule_7_a_live_only_event_reaches_streams_but_no_ring_and_leaves_no_topic():
     async def main():
         hub = Hub()
-        sink = Sink()
+        sink = FakeSink()
         stream = Stream(["room:r"], sink, send_framed=sink.sent.append)
         hub.open_stream(stream)
         event = hub.publish("room:r", "user_joined", {"user": "u"}, keep=False)
