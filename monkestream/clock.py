@@ -20,6 +20,9 @@ Rule 5: before each callback and before returning, ``advance()`` lets the event
         a test observes every consequence of instant *t* before instant *t'*.
 Rule 6: ``VirtualScheduler.pending`` counts timers neither run nor cancelled;
         a cancelled ``sleep()`` cancels its timer, so a clean shutdown leaves 0.
+Rule 7: ``within(scheduler, seconds, awaitable)`` is the one timeout: it
+        cancels the awaitable and raises ``TimeoutError`` when the scheduler's
+        clock passes the deadline, and leaves no timer behind.
 
 "Quiet" (rule 5) is judged without private loop internals: the loop is given
 ``sleep(0)`` passes until ``SETTLE_QUIET_PASSES`` in a row have neither added,
@@ -33,8 +36,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 __all__ = [
     "AsyncioScheduler",
@@ -43,7 +46,10 @@ __all__ = [
     "VirtualScheduler",
     "VirtualTimer",
     "default_scheduler",
+    "within",
 ]
+
+T = TypeVar("T")
 
 SETTLE_QUIET_PASSES = 16
 SETTLE_MAX_PASSES = 100_000
@@ -100,6 +106,26 @@ class AsyncioScheduler:
 
     def __repr__(self) -> str:
         return f"AsyncioScheduler(loop={self._loop!r})"
+
+
+async def within(scheduler: Scheduler, seconds: float, awaitable: Awaitable[T]) -> T:
+    """What ``awaitable`` gives, or ``TimeoutError`` once ``seconds`` have passed on ``scheduler``'s clock."""
+    task = asyncio.ensure_future(awaitable)
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+    timer = scheduler.call_later(seconds, expire)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if expired:
+            raise TimeoutError(f"not done within {seconds:g} s") from None
+        raise
+    finally:
+        timer.cancel()
 
 
 def default_scheduler() -> Scheduler:

@@ -279,3 +279,38 @@ def test_clock_rule_1_library_code_waits_and_reads_the_time_only_through_a_sched
                  if path.name != "clock.py"
                  and (found := _own_waits_and_clock_reads(path.read_text(encoding="utf-8")))}
     assert offenders == {}
+
+
+def test_clock_rule_7_within_is_a_timeout_on_the_schedulers_clock() -> None:
+    from monkestream.clock import within
+
+    async def main() -> None:
+        scheduler = VirtualScheduler()
+        done = asyncio.get_running_loop().create_future()
+
+        async def slow() -> str:
+            try:
+                await scheduler.sleep(5)
+                return "late"
+            except asyncio.CancelledError:
+                done.set_result("cancelled")
+                raise
+
+        quick = asyncio.ensure_future(within(scheduler, 5, scheduler.sleep(1)))
+        await scheduler.advance(1)
+        assert quick.done() and quick.result() is None and scheduler.pending == 0   # no timer left behind
+
+        late = asyncio.ensure_future(within(scheduler, 2, slow()))
+        await scheduler.advance(1.9)
+        assert not late.done()
+        await scheduler.advance(0.1)
+        assert isinstance(late.exception(), TimeoutError) and done.result() == "cancelled"
+        assert scheduler.pending == 0
+
+        outer = asyncio.ensure_future(within(scheduler, 2, scheduler.sleep(10)))
+        await scheduler.advance(0.5)
+        outer.cancel()   # cancelled from outside: not a timeout
+        await scheduler.advance(0)
+        assert outer.cancelled() and scheduler.pending == 0
+
+    asyncio.run(main())
