@@ -19,6 +19,9 @@ Rule 5: both pipelines run under a ``Supervisor``: a crash is logged with its
         again after a backoff. The store pipeline keeps every batch it took
         from its subscription until it is written, so a run after a crash
         writes first what the crashed one held: nothing acknowledged is lost.
+Rule 6: with ``--upstream`` the app is a relay (``relay``): its hub is fed
+        by the upstream's events alone, it opens no database and takes no
+        prices itself; writes, history and comments are the upstream's.
 Rule 4: shutdown runs in order: stop accepting, end the streams, end the
         pipelines' subscriptions (buffer_time emits the last window), write
         it, record a clean end of the run, close the database.
@@ -50,6 +53,7 @@ from .limits import fit_streams
 from .metrics import Monitor
 from .ops import buffer_time, pipe
 from .ratelimit import RateLimiter
+from .relay import Relay, RelayReplayer
 from .replay import Replayer
 from .routing import Router
 from .server import Server
@@ -91,20 +95,32 @@ class App:
         self.router = Router()
         self.server = Server(config, self.hub, self.router, scheduler=self.scheduler)
         token = BearerToken(config.token)
-        replayer = Replayer(self.hub, self.store, budget_bytes=config.stream_buffer, stored_symbol=topic_symbol)
+        self.relay: Relay | None = None
+        replayer: Replayer | RelayReplayer
+        if config.upstream:  # Rule 6
+            self.relay = Relay(self.hub, self.charts, url=config.upstream, token=config.token,
+                               budget_bytes=config.stream_buffer, scheduler=self.scheduler)
+            replayer = self.relay.replayer
+            self.hub.follows = True
+        else:
+            replayer = Replayer(self.hub, self.store, budget_bytes=config.stream_buffer, stored_symbol=topic_symbol)
         open_stream = StreamOpener(self.hub, replayer)
         self.chat = Chat(self.hub, self.store,
                          RateLimiter(config.comment_rate, config.comment_burst, scheduler=self.scheduler),
                          RateLimiter(config.join_rate, config.join_burst, scheduler=self.scheduler),
-                         has_token=token.carried_by, open_stream=open_stream)
+                         has_token=token.carried_by, open_stream=open_stream,
+                         make_member=self.relay.presence.member if self.relay is not None else None)
         self.tickers = TickerRoutes(self.ingest, self.store, self.charts,
                                     authorize=token.require, open_stream=open_stream)
         monitor = Monitor(config=config, hub=self.hub, server=self.server, store=self.store, ingest=self.ingest,
                           tickers=self.tickers, chat=self.chat, replayer=replayer, has_token=token.carried_by,
-                          supervisor=self.supervisor)
-        for routes in (StaticFiles(), self.tickers, TopicStreams(open_stream, self.chat.membership),
+                          supervisor=self.supervisor, relay=self.relay)
+        for routes in (StaticFiles(), self.tickers, TopicStreams(open_stream, self.chat.membership, authorize=token.require,
+                                                                  relay_buffer=config.relay_buffer),
                        self.chat, monitor):
             routes.register(self.router)
+        if self.relay is not None:
+            self.relay.forwarder.register(self.router)
         self._subs: list[Subscription] = []
         self._taken: deque[list[Event]] = deque()   # batches the store pipeline holds unwritten (Rule 5)
         self._retention: asyncio.Task[None] | None = None
@@ -114,6 +130,9 @@ class App:
 
     async def start(self) -> None:
         """Open the database, warm the charts, start the pipelines and listen."""
+        if self.relay is not None:
+            await self._start_relay()
+            return
         self.hub.epoch = await self.store.open()
         await self._warm_charts()
         every_ticker = ticker_topic("*")
@@ -127,9 +146,21 @@ class App:
         self._expire_topics()
         await self.server.start()
 
+    async def _start_relay(self) -> None:
+        """Rule 6: the chart pipeline on what the upstream sends, then listen."""
+        assert self.relay is not None
+        chart_sub = self.hub.subscribe(ticker_topic("*"), maxsize=self.config.max_topics, policy=Policy.CONFLATE)
+        self._subs = [chart_sub]
+        await self.relay.start()
+        self.supervisor.start("charts", lambda: self._chart(chart_sub))
+        self._expire_topics()
+        await self.server.start()
+
     async def stop(self) -> None:
         """Stop without losing anything published before the call (Rule 4)."""
         await self.server.stop()
+        if self.relay is not None:
+            await self.relay.stop()
         if self._expiry is not None:
             self._expiry.cancel()
         if self._retention is not None:
@@ -141,7 +172,8 @@ class App:
         for sub in self._subs:
             sub.close()
         await self.supervisor.stop()
-        await self.store.close(self.hub.seq)
+        if self.relay is None:
+            await self.store.close(self.hub.seq)
 
     async def _warm_charts(self) -> None:
         now = int(time.time())
@@ -237,13 +269,17 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, logs.reopen, *([] if access_log is None else [access_log]))  # logrotate
     demo = None
-    if not config.no_demo:
+    if not config.no_demo and not config.upstream:  # a relay takes no prices itself
         demo = DemoFeed(app.ingest.publish, app.scheduler, time.time)
         demo.start()
     scheme = "https" if config.certfile else "http"
-    log.info("monkestream listening on %s://%s:%d (loop: %s, epoch %d, db %s, demo %s)",
-             scheme, config.host, app.server.port, _loop_name(loop), app.hub.epoch, config.db,
-             "off" if demo is None else "on")
+    if app.relay is not None:
+        log.info("monkestream relay listening on %s://%s:%d (loop: %s, upstream %s, at %s)",
+                 scheme, config.host, app.server.port, _loop_name(loop), config.upstream, app.hub.last_id())
+    else:
+        log.info("monkestream listening on %s://%s:%d (loop: %s, epoch %d, db %s, demo %s)",
+                 scheme, config.host, app.server.port, _loop_name(loop), app.hub.epoch, config.db,
+                 "off" if demo is None else "on")
     log.info("settings: %s", " ".join(f"{k}={v}" for k, v in config.summary().items()))
     try:
         await stop.wait()
@@ -276,6 +312,10 @@ def run(config: Config) -> None:
     collector walk hundreds of thousands of them many times a second.
     """
     logs.setup(config.log_level, config.log_format, config.log_file)
+    if config.workers > 1:  # this process only watches over the workers
+        from .workers import supervise
+        asyncio.run(supervise(config))
+        return
     import gc
     gc.freeze()  # what the imports made lives as long as the process: never scan it again
     gc.set_threshold(GC_YOUNG_OBJECTS, *gc.get_threshold()[1:])

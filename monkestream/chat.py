@@ -20,7 +20,8 @@ Rule 6: a stream with ``?user=`` costs one join per room (all of the join
         burst at most), taken before its response starts, so a refused join
         publishes no presence event.
 Rule 7: ``Chat`` is handed all it uses (the hub, the store, the limiters, a
-        token check, a stream opener); it knows nothing of the app around it.
+        token check, a stream opener, and on a relay what makes its users
+        present upstream); it knows nothing of the app around it.
 Rule 8: presence events (``user_joined``, ``user_left``) are live only: not
         kept in the room's replay ring (a stream opened with ``?user=``
         starts with a fresh ``members`` list), so joining and leaving cannot fill memory,
@@ -137,6 +138,9 @@ class Membership:
         self.user = user
         self.joined = False
 
+    async def ready(self) -> None:
+        """Nothing to await: presence is kept here."""
+
     def attached(self) -> list[bytes]:
         """Join each room: the ``user_joined`` events this publishes, then a ``members`` event per room."""
         hub, presence, user = self.hub, self.presence, self.user
@@ -167,7 +171,8 @@ class Chat:
 
     def __init__(self, hub: Hub, store: Store, limiter: RateLimiter, joins: RateLimiter, *,
                  has_token: Callable[[Request], bool],
-                 open_stream: Callable[[Exchange, list[str], Membership | None], EventStream]) -> None:
+                 open_stream: Callable[[Exchange, list[str], Any], EventStream],
+                 make_member: Callable[[list[str], str, str], Any] | None = None) -> None:
         self.hub = hub
         self.store = store
         self.limiter = limiter
@@ -175,6 +180,8 @@ class Chat:
         self.has_token = has_token
         self.open_stream = open_stream
         self.presence = Presence()
+        # who a stream makes present in its rooms (rooms, user, client): here, or a relay's upstream
+        self.make_member = make_member or (lambda rooms, user, client: Membership(hub, self.presence, rooms, user))
         self.comments_posted = 0
         self.comments_deleted = 0
         self.comments_refused = 0
@@ -193,7 +200,7 @@ class Chat:
 
     # -- presence -------------------------------------------------------------
 
-    def membership(self, topics: list[str], user: str | None, client: str) -> Membership | None:
+    def membership(self, topics: list[str], user: str | None, client: str) -> Any:
         """What a stream on ``topics`` makes ``user`` present in; None without a user or a room.
 
         HTTPError 429 when ``client`` has joined too many rooms lately (Rule 6).
@@ -205,7 +212,7 @@ class Chat:
         if not self.joins.allow(client, cost):
             self.joins_refused += 1
             raise HTTPError(429, "too many room joins; slow down", [_retry_after(self.joins, client, cost)])
-        return Membership(self.hub, self.presence, rooms, user)
+        return self.make_member(rooms, user, client)
 
     def room_events(self, ex: Exchange) -> EventStream:
         room = parse_room(ex.params["room"])

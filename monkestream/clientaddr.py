@@ -21,10 +21,15 @@ Rule 4: a hop that is not an address (``unknown``, an obfuscated name, or
         garbage) ends the walk: the nearest trusted hop seen is the client.
 Rule 5: addresses are normalised (an IPv4-mapped IPv6 address is its IPv4
         address; ports are dropped), so one client is always one key.
+Rule 6: a relay (a monkestream serving another's events) is trusted like a
+        proxy: by address, or when it presents ``X-Relay-Token`` equal to
+        the publish token, or when it is a peer on the server's Unix socket
+        (the workers of one machine). It names its client in X-Forwarded-For.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import re
 from typing import Iterator, Union
@@ -34,6 +39,7 @@ from .http11 import Request
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
+UNIX_PEER = "local"  # the peer of a connection on a Unix socket
 MAX_HOPS = 32    # hops read from the right; a longer chain is a client's invention
 
 # RFC 7239 §4: forwarded-pair = token "=" value; value = token / quoted-string
@@ -92,24 +98,35 @@ def forwarded_for(value: str) -> list[str] | None:
 class TrustedProxies:
     """The proxies whose forwarding headers are believed, and the client address they give."""
 
-    __slots__ = ("networks",)
+    __slots__ = ("networks", "relay_token", "unix")
 
-    def __init__(self, networks: tuple[Network, ...] = ()) -> None:
+    def __init__(self, networks: tuple[Network, ...] = (), relay_token: str = "", unix: bool = False) -> None:
         self.networks = networks
+        self.relay_token = relay_token
+        self.unix = unix      # the server's Unix socket is private to its relays
 
     @classmethod
-    def parse(cls, text: str) -> TrustedProxies:
-        return cls(parse_networks(text))
+    def parse(cls, text: str, relay_token: str = "", unix: bool = False) -> TrustedProxies:
+        return cls(parse_networks(text), relay_token, unix)
+
+    def _relay(self, peer: str, request: Request) -> bool:
+        """Rule 6: whether the peer is a relay that names its client."""
+        if peer == UNIX_PEER and self.unix:
+            return True
+        token = request.header("x-relay-token")
+        return bool(self.relay_token) and token is not None and hmac.compare_digest(
+            token.encode("latin-1", "replace"), self.relay_token.encode())
 
     def trusts(self, address: Address | None) -> bool:
         return address is not None and any(address in net for net in self.networks)
 
     def client(self, peer: str, request: Request) -> str:
         """The address per-client limits key on, for a request that came from ``peer`` (Rules 1-5)."""
-        if not self.networks:
+        relay = self._relay(peer, request)
+        if not self.networks and not relay:
             return peer
         client = parse_address(peer)
-        if not self.trusts(client):
+        if not (relay or self.trusts(client)):
             return peer
         for hop in self._hops(request):
             address = parse_address(hop)
@@ -118,7 +135,7 @@ class TrustedProxies:
             client = address
             if not self.trusts(address):
                 break               # Rule 2
-        return str(client)
+        return str(client) if client is not None else peer
 
     @staticmethod
     def _hops(request: Request) -> Iterator[str]:

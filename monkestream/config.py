@@ -36,6 +36,12 @@ class Config:
     log_format: str = field(default="text", metadata={"help": "text, or json: one object per line for log collectors", "choices": LOG_FORMATS})
     log_file: str = field(default="", metadata={"help": "file the log is appended to instead of standard error, reopened on SIGHUP", "path": True})
     access_log: str = field(default="", metadata={"help": "file for a line per request (combined log format and seconds), reopened on SIGHUP; - for standard error; off when empty", "path": True})
+    # relays and workers
+    upstream: str = field(default="", metadata={"help": "relay mode: serve the events of this monkestream (http://HOST:PORT, https://HOST:PORT or unix:/PATH) instead of taking any; --token is sent to it"})
+    unix_socket: str = field(default="", metadata={"help": "also listen on this Unix socket; its peers are trusted like --trusted-proxies (relays on this machine: keep it private)", "path": True})
+    reuse_port: bool = field(default=False, metadata={"help": "listen with SO_REUSEPORT, so that several processes share the port"})
+    workers: int = field(default=1, metadata={"help": "processes on the port (Linux): the first the origin, the others relays of it over a Unix socket", "min": 1, "max": 256})
+    worker: int = field(default=0, metadata={"help": "this process's number among --workers (set by the parent; 0: the origin)", "min": 0, "max": 255})
     # streams
     replay_events: int = field(default=256, metadata={"help": "events kept per topic for Last-Event-ID resume", "min": 1, "max": 1_000_000})
     replay_bytes: int = field(default=64 * 1024 * 1024, metadata={"help": "bytes all topics' replay rings may hold together (frames plus 300 per event)", "min": 4096, "max": 2**40})
@@ -44,6 +50,7 @@ class Config:
     full_retry_ms: int = field(default=10000, metadata={"help": "reconnection hint for an EventSource turned away by a full server (jittered up to x3)", "min": 0, "max": 3_600_000})
     max_stream_age: float = field(default=0.0, metadata={"help": "close streams after this many seconds, jittered -20%% (0: never)", "min": 0, "max": 86400 * 7})
     stream_buffer: int = field(default=256 * 1024, metadata={"help": "bytes a stream may have unsent before it counts as slow", "min": 4096, "max": 64 * 1024 * 1024})
+    relay_buffer: int = field(default=32 * 1024 * 1024, metadata={"help": "bytes an all-topics stream (a relay's) may have unsent before it is closed to resume", "min": 4096, "max": 2**34})
     stall_timeout: float = field(default=30.0, metadata={"help": "seconds a stream's buffer may stay full before it is closed", "min": 0.05, "max": 3600})
     max_streams: int = field(default=20000, metadata={"help": "open streams in all, capped by the open-file limit (beyond: 503, or come back later for an EventSource)", "min": 1, "max": 10_000_000})
     max_streams_per_client: int = field(default=0, metadata={"help": "open streams per client address, 429 beyond (0: no cap; behind a proxy, set --trusted-proxies first)", "min": 0, "max": 10_000_000})
@@ -80,6 +87,14 @@ class Config:
         if not (self.token.isascii() and self.token.isprintable() and self.token == self.token.strip()):
             # a header carries only these, so any other token could never match
             raise ConfigError("--token: must be printable ASCII with no leading or trailing spaces")
+        if self.upstream:
+            from .upstream import Upstream
+            try:
+                Upstream(self.upstream)
+            except ValueError as exc:
+                raise ConfigError(f"--upstream: {exc}") from None
+        if self.workers > 1 and self.upstream:
+            raise ConfigError("--workers and --upstream: a relay runs as one process")
         try:
             parse_networks(self.trusted_proxies)
         except ValueError as exc:

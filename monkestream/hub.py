@@ -38,7 +38,8 @@ Rule 5: memory is bounded whatever a subscriber does. A pull subscriber's queue
 Rule 6: ids are ``EPOCH-SEQ`` (``sse.EventId``) and only grow. The hub numbers
         events itself (``seq`` counts every event, so ids order events across
         topics) or carries ids assigned elsewhere (``publish(..., event_id=)``),
-        which must be greater than the last.
+        which must be greater than the last. A hub that ``follows`` another
+        carries only such ids: it refuses to number one itself.
 Rule 7: memory is bounded by topic too. Each kind of topic (the part of its
         name before ``:``) may have a budget of topics (``limits``); a topic
         is created only within it, in one step with the check (``topic()``,
@@ -53,6 +54,13 @@ Rule 7: memory is bounded by topic too. Each kind of topic (the part of its
 Rule 8: the hub owns no task. Embedders may use it from any asyncio program;
         only the flush callback and the queues touch the running loop, and the
         time it records comes from its ``Scheduler``.
+Rule 9: the all-topics stream (topics ``(EVERY_TOPIC,)``) is a relay's: it
+        receives every event of every topic, present or future, kept or live
+        only, each frame labelled with its topic (``sse.label_frame``). It is
+        lossless: never conflated, never sharing a Fanout; past its cap it is
+        closed (``CloseReason.SLOW``) and resumes with its Last-Event-ID.
+        ``replay_all`` is its resume: every kept event after an id, with the
+        topics whose rings cannot tell, or None when the hub itself cannot.
 """
 
 from __future__ import annotations
@@ -67,7 +75,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, NamedTuple, Protocol
 from .clock import AsyncioScheduler, Scheduler
 from .errors import MonkestreamError
 from .jsontext import dumps
-from .sse import EventId, encode_event, encode_position
+from .sse import EventId, encode_event, encode_position, label_frame
 
 REPLAY_EVENTS = 256           # per topic, the events kept for Last-Event-ID resume
 SUBSCRIPTION_QUEUE_EVENTS = 1024
@@ -75,6 +83,7 @@ STREAM_BUFFER_BYTES = 256 * 1024
 BIG_BATCH_BYTES = 16 * 1024     # a flush larger than this checks each stream's buffer first
 RING_BYTES = 64 * 1024 * 1024   # all replay rings together (Rule 7)
 EVENT_OVERHEAD_BYTES = 300      # an event's objects beside its frame, as counted against RING_BYTES
+EVERY_TOPIC = "*"               # the all-topics stream's one topic (Rule 9)
 
 
 class TopicLimit(MonkestreamError):
@@ -387,6 +396,7 @@ class Hub:
         self.seq = 0
         # the hub holds every event after this id (None: after EPOCH-0, the start of its own numbering)
         self.origin: EventId | None = None
+        self.follows = False   # True: it carries only ids assigned elsewhere (a relay's), never its own
         self.replay_events = replay_events
         self.scheduler: Scheduler = scheduler if scheduler is not None else AsyncioScheduler()
         self._conflate = conflate
@@ -403,6 +413,7 @@ class Hub:
         self._wildcards: dict[str, set[Subscription]] = {}
         self._dirty_fanouts: list[Fanout] = []
         self._dirty_streams: list[Stream] = []
+        self._every: set[Stream] = set()          # all-topics streams (Rule 9)
         self._flush_scheduled = False
         self._writing = False
         self.stream_count = 0
@@ -511,6 +522,8 @@ class Hub:
         """
         text = json_text if json_text is not None else dumps(data)
         if event_id is None:
+            if self.follows:
+                raise RuntimeError("this hub carries another's ids: it numbers no event itself")
             epoch, seq = self.epoch, self.seq + 1
         else:
             epoch, seq = event_id
@@ -523,6 +536,8 @@ class Hub:
         if keep:
             self._keep(t, event)
         self._fan_out(t, event)
+        if self._every:
+            self._fan_out_every(event, keep)
         if not keep:
             self._forget_if_unused(t)  # told to nobody, kept nowhere: it leaves no topic behind
         return event
@@ -594,6 +609,19 @@ class Hub:
                 stream.dirty = True
                 self._dirty_streams.append(stream)
         if not self._flush_scheduled and (self._dirty_fanouts or self._dirty_streams):
+            self._flush_scheduled = True
+            self.scheduler.call_soon(self.flush)
+
+    def _fan_out_every(self, event: Event, keep: bool) -> None:
+        """Rule 9: the event, labelled once, for each all-topics stream's own list."""
+        labelled = Event(event.topic, event.name, event.data, event.epoch, event.seq,
+                         label_frame(event.topic, keep, event.frame))
+        for stream in self._every:
+            stream.pending.append(labelled)
+            if not stream.dirty:
+                stream.dirty = True
+                self._dirty_streams.append(stream)
+        if not self._flush_scheduled:
             self._flush_scheduled = True
             self.scheduler.call_soon(self.flush)
 
@@ -711,6 +739,9 @@ class Hub:
         return True
 
     def _place(self, stream: Stream) -> None:
+        if stream.topics == (EVERY_TOPIC,):
+            self._every.add(stream)
+            return
         if stream.send_framed is not None and not stream.paused:
             key = tuple(sorted(stream.topics))
             fanout = self._fanouts.get(key)
@@ -725,6 +756,9 @@ class Hub:
             self.topic(name).streams.add(stream)
 
     def _unplace(self, stream: Stream) -> None:
+        if stream.topics == (EVERY_TOPIC,):
+            self._every.discard(stream)
+            return
         fanout = stream.fanout
         if fanout is not None:
             stream.fanout = None
@@ -796,7 +830,7 @@ class Hub:
 
     def streams(self) -> list[Stream]:
         """Every attached push stream."""
-        found: dict[Stream, None] = {}
+        found: dict[Stream, None] = dict.fromkeys(self._every)
         for t in self.topics.values():
             for fanout in t.fanouts:
                 found.update(dict.fromkeys(fanout.writers))
@@ -804,8 +838,16 @@ class Hub:
         return list(found)
 
     def close_all_streams(self, reason: CloseReason = CloseReason.SHUTDOWN) -> None:
-        """End every push stream (shutdown); pull subscriptions stay until closed by their owners."""
+        """End every push stream (shutdown); pull subscriptions stay until closed by their owners.
+
+        The all-topics streams end last, after a flush, so a relay gets every
+        event up to the end, the presence leaves of the other streams included.
+        """
         for stream in self.streams():
+            if stream not in self._every:
+                self.close_stream(stream, reason)
+        self._settle()
+        for stream in list(self._every):
             self.close_stream(stream, reason)
 
     # -- pull subscriptions (embedders, the store, the charts) ----------------
@@ -876,10 +918,57 @@ class Hub:
             return []
         return [event for event in t.ring if (event.epoch, event.seq) > after]
 
+    def replay_all(self, after: EventId) -> tuple[list[Event], list[str]] | None:
+        """Rule 9: every kept event after ``after``, in id order, and the topics whose rings cannot tell.
+
+        None when the hub cannot tell which topics had events after ``after``
+        (an id from the future, from before what the hub holds, or before a
+        forgotten ring's newest event).
+        """
+        if after > self.last_id():
+            return None
+        covered = self.origin if self.origin is not None else EventId(self.epoch, 0)
+        if after < covered or self._forgotten_after is not None and after < self._forgotten_after:
+            return None
+        events: list[Event] = []
+        uncovered: list[str] = []
+        for name in self.topics:
+            got = self.replay(name, after)
+            if got is None:
+                uncovered.append(name)
+            else:
+                events.extend(got)
+        return _in_id_order(events), uncovered
+
+    def cut(self, names: Iterable[str] | None = None) -> None:
+        """Stop claiming the events of these topics (every topic: None) published so far.
+
+        For a relay whose upstream lost them (relay Rule 3): their rings are
+        emptied, a resume from before the next event is no longer covered,
+        and their streams are closed (``CATCH_UP``) so that they resume.
+        """
+        mark = EventId(self.epoch, self.seq + 1)  # any id held now is before it
+        if names is None:
+            self.origin = mark
+            cut = set(self.topics)
+        else:
+            cut = set(names)
+            if self._forgotten_after is None or mark > self._forgotten_after:
+                self._forgotten_after = mark  # a topic not held now may have been held then
+        for name in cut:
+            t = self.topics.get(name)
+            if t is not None:
+                self.ring_bytes -= sum(_cost(e) for e in t.ring)
+                t.ring.clear()
+                t.covered_after = mark
+        for stream in self.streams():
+            if names is None or stream.topics == (EVERY_TOPIC,) or cut.intersection(stream.topics):
+                self.close_stream(stream, CloseReason.CATCH_UP)
+
     def is_idle(self) -> bool:
         """True when no stream or subscription is attached (tests use it to find leaks)."""
         return (self.stream_count == 0 and self.subscription_count == 0 and not self._wildcards
-                and not self._fanouts and all(t.empty() for t in self.topics.values()))
+                and not self._fanouts and not self._every and all(t.empty() for t in self.topics.values()))
 
 
 def _cost(event: Event) -> int:

@@ -32,10 +32,12 @@ Rule 4: one log line per episode, not per attempt: failures less than
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import socket
+import stat
 from typing import Callable
 
 from .clock import Handle, Scheduler
@@ -103,8 +105,12 @@ def fit_streams(max_streams: int) -> int:
 # -- listening and accepting (Rules 2 to 4) --------------------------------------------
 
 
-async def listen(host: str, port: int, backlog: int) -> list[socket.socket]:
-    """Bound, listening, non-blocking sockets on every address ``host`` resolves to."""
+async def listen(host: str, port: int, backlog: int, *, reuse_port: bool = False) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets on every address ``host`` resolves to.
+
+    ``reuse_port``: processes that all set it share the port, the kernel
+    spreading connections among them (SO_REUSEPORT).
+    """
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
@@ -113,6 +119,8 @@ async def listen(host: str, port: int, backlog: int) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
@@ -123,6 +131,22 @@ async def listen(host: str, port: int, backlog: int) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+def listen_unix(path: str, backlog: int) -> socket.socket:
+    """A listening, non-blocking Unix socket at ``path`` (a stale one left by a crash is replaced)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _open_spare() -> int | None:

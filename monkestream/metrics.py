@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -18,6 +19,7 @@ from .http11 import Request
 from .hub import Hub
 from .ingest import Ingest
 from .limits import SHORTAGES
+from .relay import Relay, RelayReplayer
 from .replay import Replayer
 from .routing import Exchange, Response, Router, json_response
 from .server import Server
@@ -48,9 +50,10 @@ class Monitor:
     ingest: Ingest
     tickers: TickerRoutes
     chat: Chat
-    replayer: Replayer
+    replayer: Replayer | RelayReplayer
     has_token: Callable[[Request], bool]   # whether a request carries the publish token
     supervisor: Supervisor | None = None   # the background pipelines, when they are supervised
+    relay: Relay | None = None             # a relay's upstream, follower and forwarder
     started_at: float = field(default_factory=time.time)
 
     def register(self, router: Router) -> None:
@@ -73,16 +76,22 @@ class Monitor:
         server, hub = self.server, self.hub
         health = {
             "status": "stopping" if not server.accepting else "ok" if self._sound() else "degraded",
+            "role": self._role(),
+            "worker": self.config.worker,
+            "pid": os.getpid(),
             "uptime": round(time.time() - self.started_at, 3),
             "streams": len(server.streams),
             "topics": len(hub.topics),
             "lastEventId": str(hub.last_id()),
             "unpersisted": self.ingest.unpersisted,
-            "database": "ok" if self.store.failing is None else f"failing: {self.store.failing}",
+            "database": "none (a relay)" if self.relay is not None else
+                        "ok" if self.store.failing is None else f"failing: {self.store.failing}",
             "accept": "ok" if self._short_of() is None else f"paused: {self._short_of()}",
             "pipelines": {} if self.supervisor is None else
                          {name: p.health() for name, p in self.supervisor.pipelines.items()},
         }
+        if self.relay is not None:
+            health["upstream"] = self.relay.health()
         if not self.config.token or self.has_token(ex.request):
             health["config"] = self.config.summary(paths=False)
         return json_response(health)
@@ -94,7 +103,11 @@ class Monitor:
     def _sound(self) -> bool:
         """Whether nothing is failing: database writes, accepting connections, the pipelines."""
         return (self.store.failing is None and self._short_of() is None
-                and (self.supervisor is None or self.supervisor.healthy))
+                and (self.supervisor is None or self.supervisor.healthy)
+                and (self.relay is None or self.relay.follower.connected))
+
+    def _role(self) -> str:
+        return "relay" if self.relay is not None else "origin"
 
     def get_metrics(self, ex: Exchange) -> Response:
         return Response(200, self.render().encode(), PROMETHEUS_TEXT)
@@ -107,6 +120,10 @@ class Monitor:
             kind = topic.name.partition(":")[0]
             by_kind[kind] = by_kind.get(kind, 0) + sum(len(f.writers) for f in topic.fanouts) + len(topic.streams)
         out: list[str] = []
+        out += _family("monkestream_process_info", "gauge", "Which process answered: its role, worker number and pid.",
+                       [(f'{{role="{self._role()}",worker="{self.config.worker}",pid="{os.getpid()}"}}', 1)])
+        if self.relay is not None:
+            out += self._relay_families(self.relay)
         out += _family("monkestream_connections_open", "gauge", "Open client connections, streams included.",
                        [("", len(server.connections))])
         out += _family("monkestream_connections_total", "counter", "Client connections accepted.",
@@ -189,3 +206,19 @@ class Monitor:
         out += _family("monkestream_errors_total", "counter", "Unexpected errors (each also logged).",
                        [("", server.errors)])
         return "\n".join(out) + "\n"
+
+    def _relay_families(self, relay: Relay) -> list[str]:
+        follower, replayer, forwarder = relay.follower, relay.replayer, relay.forwarder
+        out = _family("monkestream_upstream_connected", "gauge", "1 while the relay follows its upstream.",
+                      [("", int(follower.connected))])
+        out += _family("monkestream_upstream_connects_total", "counter", "Streams opened on the upstream.",
+                       [("", follower.connects)])
+        out += _family("monkestream_upstream_events_total", "counter", "Events received from the upstream.",
+                       [("", follower.events)])
+        out += _family("monkestream_upstream_resets_total", "counter",
+                       "Gaps the upstream could not cover (reset): their streams started over.", [("", follower.resets)])
+        out += _family("monkestream_upstream_resumes_total", "counter",
+                       "Resumes fetched from the upstream, beyond the relay's rings.", [("", replayer.fetched)])
+        out += _family("monkestream_forwarded_total", "counter", "Requests forwarded to the upstream, by outcome.",
+                       [('{outcome="answered"}', forwarder.forwarded), ('{outcome="unreachable"}', forwarder.failed)])
+        return out

@@ -21,15 +21,19 @@ Rule 4: a backlog has a budget in bytes. Events go in id order while they
         in order. SQLite reads are bounded to match: at most
         ``budget // MIN_FRAME_BYTES`` rows in all (``MIN_ROWS_PER_SYMBOL``
         each at least), shared by the stream's symbols.
+Rule 5: the all-topics stream (hub Rule 9) resumes the same way over every
+        topic the hub holds, its frames labelled with their topics. When the
+        hub cannot tell which topics had events after the id, its backlog is
+        one ``reset`` naming ``*``: every topic.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from .hub import Backlog, Hub
+from .hub import EVERY_TOPIC, Backlog, Hub
 from .jsontext import dumps
-from .sse import EventId, encode_event
+from .sse import EventId, encode_event, label_frame
 from .store import Store
 
 MIN_FRAME_BYTES = 64          # no ticker frame is shorter: bounds the rows a budget can use
@@ -72,8 +76,12 @@ class Replayer:
         if self.store.ends_previous_run(after):  # a restart seen to its end: no SQLite read is needed
             after = EventId(self.hub.epoch, 0)
         stored: dict[str, Stored | None] = {}   # None: too far behind for SQLite to replay
+        candidates = topics
+        if topics == [EVERY_TOPIC]:  # Rule 5: the topics whose rings cannot tell
+            got = self.hub.replay_all(after)
+            candidates = got[1] if got is not None else []
         for _attempt in range(PREPARE_ATTEMPTS):
-            needed = [t for t in topics if self._needs_read(t, after, stored)]
+            needed = [t for t in candidates if self._needs_read(t, after, stored)]
             if not needed:
                 break
             stored.update(await self._read(needed, after))
@@ -108,12 +116,19 @@ class Replayer:
         replayed: Replayed = []
         reset: list[str] = []
         cut: EventId | None = None   # past this id, some topic's stored rows were cut at the limit
+        every = topics == [EVERY_TOPIC]
+        if every:  # Rule 5
+            ring = self.hub.replay_all(after) if after is not None else None
+            if ring is None:
+                return Backlog([reset_event([EVERY_TOPIC], last_id)])
+            events, topics = ring
+            replayed = [(e.id, label_frame(e.topic, True, e.frame)) for e in events]
         for topic in topics:
             got = self._topic(topic, after, stored.get(topic)) if after is not None else None
             if got is None:
                 reset.append(topic)
                 continue
-            replayed.extend(got)
+            replayed.extend([(i, label_frame(topic, True, f)) for i, f in got] if every else got)
             part = stored.get(topic)
             if part is not None and not part.complete and part.rows:
                 cut = min(cut, part.rows[-1][0]) if cut is not None else part.rows[-1][0]

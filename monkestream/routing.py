@@ -60,6 +60,7 @@ class EventStream:
     topics: list[str]
     prepare: Callable[[], Awaitable[Callable[[], Backlog]]] | None = None
     on_close: Callable[[], object] | None = None
+    cap_bytes: int | None = None   # bytes it may have unsent; None: the server's --stream-buffer
 
 
 Result = Union[Response, EventStream]
@@ -103,6 +104,10 @@ class Router:
     def describe(self, method: str, pattern: str, description: str) -> None:
         """List a route the server answers itself, before routing (the CORS preflight)."""
         self._described[(method, pattern)] = description
+
+    def description(self, method: str, pattern: str) -> str:
+        """What a route does, as it was added."""
+        return self._described[(method, pattern)]
 
     def routes(self) -> list[Route]:
         """Every route, in the order they were added."""

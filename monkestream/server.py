@@ -35,9 +35,11 @@ Rule 6: a full server sends browsers back later, not away. A stream request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import heapq
 import logging
+import os
 import random
 import socket
 import time
@@ -46,13 +48,13 @@ from typing import Any, Awaitable, Callable, Iterable, cast
 
 from . import http11
 from .accesslog import AccessLog
-from .clientaddr import TrustedProxies
+from .clientaddr import UNIX_PEER, TrustedProxies
 from .clock import Handle, Scheduler
 from .config import Config
 from .errors import ProtocolError, Unavailable
 from .hub import CloseReason, Hub, Stream
 from .jsontext import dumps
-from .limits import Acceptor, listen
+from .limits import Acceptor, listen, listen_unix
 from .routing import EventStream, Exchange, HTTPError, Response, Result, Router, raw_path
 from .sse import encode_comment, encode_retry
 
@@ -121,7 +123,8 @@ class Server:
         self._tick_s = min(TICK_S, config.heartbeat / 2, config.stall_timeout / 2)
         self._clock = _Clock()
         self._origins = config.allowed_origins
-        self.proxies = TrustedProxies.parse(config.trusted_proxies)
+        self.proxies = TrustedProxies.parse(config.trusted_proxies, relay_token=config.token,
+                                            unix=bool(config.unix_socket))
         self.ssl_context: Any = None
         self.access_log: AccessLog | None = None   # set when --access-log is given
         router.describe("OPTIONS", "*", f"CORS preflight, on any path (allowed: {CORS_HEADERS})")
@@ -129,7 +132,10 @@ class Server:
     # -- life cycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        sockets = await listen(self.config.host, self.config.port, LISTEN_BACKLOG)
+        config = self.config
+        sockets = await listen(config.host, config.port, LISTEN_BACKLOG, reuse_port=config.reuse_port)
+        if config.unix_socket:
+            sockets.append(listen_unix(config.unix_socket, LISTEN_BACKLOG))
         self.acceptor = Acceptor(sockets, self._accepted, self.refusal, self.scheduler)
         self.acceptor.start()
         self.accepting = True
@@ -162,6 +168,9 @@ class Server:
         self.accepting = False
         if self.acceptor is not None:
             self.acceptor.close()
+            if self.config.unix_socket:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.config.unix_socket)
         for task in list(self._handshakes):
             task.cancel()
         if self._tick is not None:
@@ -345,7 +354,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
-        self.client = peer[0] if isinstance(peer, tuple) else str(peer or "local")
+        self.client = peer[0] if isinstance(peer, tuple) else str(peer or UNIX_PEER)
         self.server.connections.add(self)
         self.server.connections_total += 1
         if not self.server.accepting:
@@ -611,7 +620,7 @@ class Connection(asyncio.Protocol):
             return
         transport = self.transport
         assert transport is not None
-        cap = self.server.config.stream_buffer
+        cap = spec.cap_bytes or self.server.config.stream_buffer
         transport.set_write_buffer_limits(high=cap // 2)
         stream = Stream(spec.topics, self, send_framed=transport.write if self.chunked else None,
                         cap_bytes=cap)

@@ -67,6 +67,16 @@ def encode_event(name: str | None, data: str, event_id: str | None = None) -> by
     return "".join(parts).encode("utf-8")
 
 
+def label_frame(topic: str, keep: bool, frame: bytes) -> bytes:
+    """An event frame with its topic, for the all-topics stream: ``topic:`` (and ``keep: 0`` when live only).
+
+    Parsers ignore fields they do not know, so a browser reads the event as is.
+    """
+    if "\n" in topic or "\r" in topic:
+        raise ValueError("topic must not contain a line break")
+    return (f"topic: {topic}\n" if keep else f"topic: {topic}\nkeep: 0\n").encode() + frame
+
+
 def encode_position(event_id: str) -> bytes:
     """An ``id:``-only frame: it sets the client's Last-Event-ID without dispatching an event."""
     if "\n" in event_id or "\r" in event_id or "\0" in event_id:

@@ -10,10 +10,14 @@ Rule 2: opening a stream never takes the hub past a topic budget (503):
         its topics are reserved when the request is answered, in one step
         with the check, and held until the stream is attached or dropped.
 Rule 3: a ``Member`` is someone a stream makes present (a chat user in its
-        rooms). ``attached()`` runs in the step that attaches the stream, and
-        only when it is attached (its backlog was complete); the frames it
-        returns follow the backlog. ``closed()`` runs once the stream ends,
-        whatever ended it.
+        rooms). ``ready()`` is awaited before the backlog is read (a relay's
+        user joins upstream there). ``attached()`` runs in the step that
+        attaches the stream, and only when it is attached (its backlog was
+        complete); the frames it returns follow the backlog. ``closed()``
+        runs once the stream ends, whatever ended it.
+Rule 4: ``GET /events?topic=*`` is the all-topics stream (hub Rule 9), a
+        relay's: it needs the publish token when one is set, takes no other
+        topic and no user, and may hold ``--relay-buffer`` bytes unsent.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from .chat import parse_room, parse_user, room_topic
-from .hub import Backlog, Hub, TopicLimit
+from .hub import EVERY_TOPIC, Backlog, Hub, TopicLimit
+from .http11 import Request
 from .ingest import SYMBOLS_TOPIC
 from .params import http_error, one
 from .replay import Replayer
@@ -34,6 +39,9 @@ TOPIC_KINDS = ("ticker", "room", SYMBOLS_TOPIC)
 
 class Member(Protocol):
     """Someone a stream makes present somewhere, told when it is attached and when it ends (Rule 3)."""
+
+    async def ready(self) -> None:
+        """Before the stream's backlog is read: whatever must be awaited (a relay's join upstream)."""
 
     def attached(self) -> list[bytes]:
         """The stream is being attached: the frames it gets after its backlog (this may publish)."""
@@ -48,6 +56,16 @@ class StreamOpener:
     def __init__(self, hub: Hub, replayer: Replayer) -> None:
         self.hub = hub
         self.replayer = replayer
+
+    def every_topic(self, ex: Exchange, cap_bytes: int) -> EventStream:
+        """The all-topics stream (Rule 4), resuming like any other; it reserves no topic."""
+        last_id = ex.request.header("last-event-id") or one(ex.request.query_params(), "lastEventId")
+        position = last_id or str(self.hub.last_id())
+        replayer = self.replayer
+
+        async def prepare() -> Callable[[], Backlog]:
+            return await replayer.prepare([EVERY_TOPIC], position)
+        return EventStream([EVERY_TOPIC], prepare, cap_bytes=cap_bytes)
 
     def __call__(self, ex: Exchange, topics: list[str], member: Member | None = None) -> EventStream:
         """An event stream on ``topics`` for this request (Rules 1 and 2), with ``member`` present while it lasts."""
@@ -70,6 +88,8 @@ class StreamOpener:
                 hub.release(topics, forget=forget)
 
         async def prepare() -> Callable[[], Backlog]:
+            if member is not None:
+                await member.ready()
             build = await replayer.prepare(topics, position)
 
             def start() -> Backlog:
@@ -92,15 +112,18 @@ class TopicStreams:
     """``GET /events``: several topics, symbols and rooms, on one stream."""
 
     def __init__(self, open_stream: StreamOpener,
-                 membership: Callable[[list[str], str | None, str], Member | None]) -> None:
+                 membership: Callable[[list[str], str | None, str], Member | None], *,
+                 authorize: Callable[[Request], None], relay_buffer: int) -> None:
         self.open_stream = open_stream
         self.membership = membership   # who a stream on these topics makes present, for this user and client
+        self.authorize = authorize     # raises HTTPError 401 unless the request carries the publish token
+        self.relay_buffer = relay_buffer
 
     def register(self, router: Router) -> None:
         router.add("GET", "/events", self.events,
                    f"several topics on one stream: ?topic=ticker:DOGE&topic=room:lobby&topic={SYMBOLS_TOPIC}"
                    f" (up to {MAX_STREAM_TOPICS});"
-                   " &user=NAME joins the rooms' presence")
+                   " &user=NAME joins the rooms' presence; ?topic=* alone: every topic, for relays (token)")
 
     def events(self, ex: Exchange) -> EventStream:
         query = ex.request.query_params()
@@ -109,6 +132,11 @@ class TopicStreams:
             raise HTTPError(400, "topic: give at least one, e.g. ?topic=ticker:DOGE")
         if len(topics) > MAX_STREAM_TOPICS:
             raise HTTPError(400, f"topic: at most {MAX_STREAM_TOPICS} per stream")
+        if EVERY_TOPIC in topics:  # Rule 4
+            if len(topics) > 1 or "user" in query:
+                raise HTTPError(400, "topic: * is every topic; it takes no other topic and no user")
+            self.authorize(ex.request)
+            return self.open_stream.every_topic(ex, self.relay_buffer)
         checked = [_check_topic(t) for t in topics]
         user = one(query, "user")
         member = self.membership(checked, parse_user(user) if user is not None else None, ex.client)

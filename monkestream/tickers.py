@@ -58,6 +58,8 @@ class TickerRoutes:
             f" ({HISTORY_DEFAULT_LIMIT})")
         add("GET", "/ticker/{symbol}/chart", self.get_chart,
             f"the chart cache's points: ?window={'|'.join(WINDOWS)} ({DEFAULT_WINDOW})")
+        add("GET", "/charts", self.get_charts,
+            f"every symbol's chart points in one answer (a relay warms its cache with it): ?window= ({DEFAULT_WINDOW})")
 
     # -- publishing -------------------------------------------------------------
 
@@ -116,14 +118,25 @@ class TickerRoutes:
 
     def get_chart(self, ex: Exchange) -> Response:
         symbol = params.symbol(ex)
-        window = params.one(ex.request.query_params(), "window")
-        if window is None:
-            window = DEFAULT_WINDOW
-        if window not in WINDOWS:
-            raise HTTPError(400, f"window: must be one of {', '.join(WINDOWS)}")
+        window = _window(ex)
         points = self.charts.points(symbol, window, time.time())
         return json_response({"symbol": symbol, "window": window, "points": points})
+
+    def get_charts(self, ex: Exchange) -> Response:
+        window = _window(ex)
+        now = time.time()
+        charts = {symbol: self.charts.points(symbol, window, now) for symbol in sorted(self.charts.series)}
+        return json_response({"window": window, "charts": charts})
 
     def get_symbols(self, ex: Exchange) -> Response:
         latest = sorted(self.charts.latest.values())
         return json_response({"symbols": [t.to_dict() for t in latest]})
+
+
+def _window(ex: Exchange) -> str:
+    window = params.one(ex.request.query_params(), "window")
+    if window is None:
+        return DEFAULT_WINDOW
+    if window not in WINDOWS:
+        raise HTTPError(400, f"window: must be one of {', '.join(WINDOWS)}")
+    return window

@@ -126,12 +126,19 @@ def test_chat_rule_7_chat_is_handed_all_it_uses_and_knows_nothing_of_the_app():
         hub, store, opened = Hub(epoch=1, scheduler=scheduler), FakeStore(), []
         given = {"hub": hub, "store": store, "limiter": RateLimiter(1.0, 5, scheduler=scheduler),
                  "joins": RateLimiter(1.0, 5, scheduler=scheduler), "has_token": lambda request: False,
-                 "open_stream": lambda ex, topics, member: opened.append((topics, member)) or "the stream"}
+                 "open_stream": lambda ex, topics, member: opened.append((topics, member)) or "the stream",
+                 "make_member": None}
         chat = Chat(**{name: given[name] for name in list(inspect.signature(Chat).parameters)})
         get = Request("GET", "/room/lobby/event?user=ann", "/room/lobby/event", "user=ann", "1.1", [], b"", True)
         assert chat.room_events(Exchange(get, {"room": "lobby"}, "127.0.0.1")) == "the stream"
         ((topics, member),) = opened
         assert topics == ["room:lobby"] and isinstance(member, Membership) and member.user == "ann"
+        # on a relay, it is handed what makes its users present upstream
+        relayed = Chat(**{**{name: given[name] for name in list(inspect.signature(Chat).parameters)},
+                          "make_member": lambda rooms, user, client: ("upstream", rooms, user, client)})
+        relayed.room_events(Exchange(get, {"room": "lobby"}, "127.0.0.1"))
+        assert opened[-1] == (["room:lobby"], ("upstream", ["lobby"], "ann", "127.0.0.1"))
+        opened.pop()
         sub = hub.subscribe("room:lobby")
         body = b'{"user": "ann", "text": "hello"}'
         post = Request("POST", "/room/lobby/comments", "/room/lobby/comments", "", "1.1",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from monkestream.clientaddr import MAX_HOPS, TrustedProxies, forwarded_for, parse_address, parse_networks
+from monkestream.clientaddr import MAX_HOPS, UNIX_PEER, TrustedProxies, forwarded_for, parse_address, parse_networks
 from monkestream.http11 import Request
 
 PROXY = "10.0.0.1"
@@ -128,3 +128,117 @@ def test_parse_networks():
     for bad in ["localhost", "10.0.0.0/33", "1.2.3.4.5", "*"]:
         with pytest.raises(ValueError, match="not an address"):
             parse_networks(f"127.0.0.1,{bad}")
+
+
+# -- relays (Rule 6) ---------------------------------------------------------------------
+
+RELAY = "192.0.2.50"      # a relay's address, in no trusted network
+TOKEN = "s3cret-token"
+
+
+def relayed(client: str, token: str | None = None) -> Request:
+    headers = [("X-Forwarded-For", client)]
+    if token is not None:
+        headers.append(("X-Relay-Token", token))
+    return req(*headers)
+
+
+def test_clientaddr_rule_6_a_relay_is_trusted_by_its_address_like_a_proxy():
+    proxies = TrustedProxies.parse(RELAY, relay_token=TOKEN)
+    assert proxies.client(RELAY, relayed("203.0.113.7")) == "203.0.113.7"
+    assert proxies.client("192.0.2.51", relayed("203.0.113.7")) == "192.0.2.51"   # another peer: not a relay
+
+
+def test_clientaddr_rule_6_a_relay_presenting_the_token_is_trusted_from_any_address():
+    proxies = TrustedProxies(relay_token=TOKEN)   # no trusted network at all
+    assert proxies.client(RELAY, relayed("203.0.113.7", TOKEN)) == "203.0.113.7"
+    assert proxies.client("2001:db8::50", relayed("198.51.100.1, 203.0.113.7", TOKEN)) == "203.0.113.7"
+    assert proxies.client(RELAY, req(("X-Relay-Token", TOKEN))) == RELAY   # it names no client: the peer
+    assert proxies.client(RELAY, relayed("unknown", TOKEN)) == RELAY
+    # trusted by the token, not by its address: what its client wrote further left is not believed
+    assert TrustedProxies(TRUSTED.networks, TOKEN).client(RELAY, relayed("198.51.100.1, 10.0.0.2", TOKEN)) == "198.51.100.1"
+
+
+@pytest.mark.parametrize("token", ["", "s3cret-toke", "s3cret-token ", "S3CRET-TOKEN", "s3cret-tokenX", "s3cret-tökén"])
+def test_clientaddr_rule_6_a_wrong_relay_token_is_not_trusted(token):
+    proxies = TrustedProxies(relay_token=TOKEN)
+    assert proxies.client(RELAY, relayed("203.0.113.7", token)) == RELAY
+    assert proxies.client(RELAY, relayed("203.0.113.7")) == RELAY   # none at all
+
+
+@pytest.mark.parametrize("token", ["", "anything"])
+def test_clientaddr_rule_6_with_no_token_configured_the_relay_header_is_ignored(token):
+    proxies = TrustedProxies()
+    assert proxies.client(RELAY, relayed("203.0.113.7", token)) == RELAY
+    # and beside trusted proxies it changes nothing either
+    assert TRUSTED.client(RELAY, relayed("203.0.113.7", token)) == RELAY
+    assert TRUSTED.client(PROXY, relayed("203.0.113.7", token)) == "203.0.113.7"
+
+
+def test_clientaddr_rule_6_the_relay_token_is_compared_in_constant_time(monkeypatch):
+    import hmac
+
+    import monkestream.clientaddr
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def recording(a, b):
+        compared.append((a, b))
+        return real(a, b)
+    monkeypatch.setattr(monkestream.clientaddr.hmac, "compare_digest", recording)
+    proxies = TrustedProxies(relay_token=TOKEN)
+    assert proxies.client(RELAY, relayed("203.0.113.7", TOKEN)) == "203.0.113.7"
+    assert proxies.client(RELAY, relayed("203.0.113.7", "nope")) == RELAY
+    assert compared == [(TOKEN.encode(), TOKEN.encode()), (b"nope", TOKEN.encode())]
+
+
+def test_clientaddr_rule_6_a_peer_on_the_unix_socket_is_a_relay_only_when_the_socket_is_the_servers():
+    assert UNIX_PEER == "local"
+    on_socket = TrustedProxies.parse("", unix=True)
+    assert on_socket.client(UNIX_PEER, relayed("203.0.113.7")) == "203.0.113.7"
+    assert on_socket.client(UNIX_PEER, relayed("198.51.100.1, 203.0.113.7")) == "203.0.113.7"
+    assert on_socket.client(UNIX_PEER, req()) == UNIX_PEER           # it names no client
+    assert on_socket.client(UNIX_PEER, relayed("garbage")) == UNIX_PEER
+    assert on_socket.client("192.0.2.1", relayed("203.0.113.7")) == "192.0.2.1"   # a TCP peer is not
+    for proxies in (TrustedProxies(), TRUSTED, TrustedProxies(relay_token=TOKEN)):
+        assert proxies.client(UNIX_PEER, relayed("203.0.113.7")) == UNIX_PEER
+    # without unix=True a peer there is trusted only as any other is: by the token
+    assert TrustedProxies(relay_token=TOKEN).client(UNIX_PEER, relayed("203.0.113.7", TOKEN)) == "203.0.113.7"
+    assert TrustedProxies(relay_token=TOKEN).client(UNIX_PEER, relayed("203.0.113.7", "nope")) == UNIX_PEER
+
+
+def _comment_over_unix(path: str, client: str) -> int:
+    import json
+    import socket
+    body = json.dumps({"user": "ann", "text": "hi"}).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        sock.sendall(b"POST /room/r/comments HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Forwarded-For: "
+                     + client.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_clientaddr_rule_6_a_real_server_keys_its_limits_on_the_client_a_relay_names(tmp_path):
+    import tempfile
+
+    from helpers import AppThread, request
+    comment = {"user": "ann", "text": "hi"}
+    with tempfile.TemporaryDirectory(prefix="ms-ca") as folder:   # short: a socket path has a limit
+        socket_path = f"{folder}/s.sock"
+        with AppThread(tmp_path / "ca.db", token=TOKEN, unix_socket=socket_path,
+                       comment_burst=1, comment_rate=0.001) as s:
+            def post(client: str, token: str | None = None) -> int:
+                headers = {"X-Forwarded-For": client, **({"X-Relay-Token": token} if token is not None else {})}
+                return request(s.port, "POST", "/room/r/comments", comment, headers=headers)[0]
+            # through a relay with the token: each client named has its own budget
+            assert [post("203.0.113.1", TOKEN), post("203.0.113.2", TOKEN), post("203.0.113.1", TOKEN)] == [201, 201, 429]
+            # without it (or with a wrong one) the header is the peer's invention: every request is the peer's
+            assert post("203.0.113.3") == 201
+            assert [post("203.0.113.4"), post("203.0.113.5", "wrong")] == [429, 429]
+            # on the server's Unix socket: its peers are relays
+            assert [_comment_over_unix(socket_path, "198.51.100.1"), _comment_over_unix(socket_path, "198.51.100.2"),
+                    _comment_over_unix(socket_path, "198.51.100.1")] == [201, 201, 429]

@@ -8,7 +8,8 @@ import pytest
 
 from monkestream import CloseReason, EventId, Hub, Policy
 from monkestream.clock import VirtualScheduler
-from monkestream.hub import Backlog, Stream
+from monkestream.hub import EVENT_OVERHEAD_BYTES, EVERY_TOPIC, Backlog, Stream
+from monkestream.sse import EventStreamParser
 
 
 def run(coro):
@@ -396,4 +397,208 @@ def test_hub_rule_8_the_hub_owns_no_task_and_its_times_come_from_its_scheduler()
         hub.publish("u", "e", 1)
         hub.pause(stream)
         assert hub.topic("u").last_publish == stream.paused_at == 105.0  # virtual time, not the loop's
+    run(main())
+
+
+# -- the all-topics stream (hub Rule 9) ----------------------------------------------------
+
+def labelled(event, keep=True):
+    """What an all-topics stream is sent for ``event``: its frame after its topic (and ``keep: 0``)."""
+    return f"topic: {event.topic}\n".encode() + (b"" if keep else b"keep: 0\n") + event.frame
+
+
+def every_stream(sink: FakeSink, cap_bytes: int = 1 << 20) -> Stream:
+    # given a framed writer, as the server gives every chunked stream: it must still never share a Fanout
+    return Stream((EVERY_TOPIC,), sink, send_framed=sink.framed.append, cap_bytes=cap_bytes)
+
+
+def test_hub_rule_9_the_all_topics_stream_gets_every_event_of_every_topic_labelled():
+    async def main():
+        hub = Hub(epoch=1)
+        before = hub.publish("ticker:OLD", "price_update", 0)  # before its position: not its
+        sink, other = FakeSink(), FakeSink()
+        stream = every_stream(sink)
+        assert hub.open_stream(stream)
+        hub.open_stream(Stream(["ticker:OLD"], other, send_framed=other.framed.append))
+        assert sink.sent == [b"id: 1-1\n\n"]
+        sink.sent.clear()
+        old = hub.publish("ticker:OLD", "price_update", 1)
+        new = hub.publish("room:new", "comment_posted", {"text": "hi"})   # a topic made after it attached
+        live = hub.publish("room:new", "user_joined", {"user": "ann"}, keep=False)
+        gone = hub.publish("room:nobody", "user_left", {"user": "bo"}, keep=False)  # a topic kept nowhere
+        assert sink.sent == []  # nothing is written inside publish
+        await asyncio.sleep(0)
+        assert sink.framed == []  # never on a topic's shared buffer...
+        assert other.framed == [old.frame]  # ...while a normal stream beside it is
+        assert sink.sent == [labelled(old) + labelled(new) + labelled(live, keep=False) + labelled(gone, keep=False)]
+        assert before.frame not in sink.sent[0]
+        # a browser reading it ignores the labels: the events and ids are the ones published
+        events = EventStreamParser().feed(sink.sent[0])
+        assert [(e.type, e.last_event_id) for e in events] == [
+            (e.name, str(e.id)) for e in (old, new, live, gone)]
+        assert hub.replay("room:new", before.id) == [new]  # the live-only event is delivered, not kept
+        assert "room:nobody" not in hub.topics
+        assert stream in hub.streams() and hub.stream_count == 2
+        hub.close_stream(stream)
+        assert not hub.is_idle()  # the ticker stream is still there
+        hub.close_all_streams()
+        assert hub.is_idle()
+    run(main())
+
+
+def test_hub_rule_9_a_paused_all_topics_stream_is_never_conflated():
+    async def main():
+        hub = Hub(conflate=lambda t: t.startswith("ticker:"))
+        every_sink, normal_sink = FakeSink(), FakeSink()
+        every = every_stream(every_sink)
+        normal = Stream(["ticker:X"], normal_sink, send_framed=normal_sink.framed.append)
+        for stream in (every, normal):
+            hub.open_stream(stream)
+            hub.pause(stream)
+        every_sink.sent.clear()
+        normal_sink.sent.clear()
+        events = []
+        for i in range(10):
+            events.append(hub.publish("ticker:X", "p", i))
+            await asyncio.sleep(0)  # a flush after each
+        assert b"".join(every_sink.sent) == b"".join(labelled(e) for e in events)  # each one, while paused
+        assert normal_sink.sent == [] and normal_sink.framed == []  # held: the latest only
+        hub.resume(normal)
+        assert normal_sink.sent == [events[-1].frame]
+        assert hub.conflated == 9  # the normal stream's nine, none of the all-topics stream's
+        written = len(every_sink.sent)
+        hub.resume(every)
+        assert len(every_sink.sent) == written  # it held nothing back
+        assert every_sink.framed == [] and every_sink.closed_with is None
+    run(main())
+
+
+def test_hub_rule_9_an_all_topics_stream_past_its_cap_while_paused_is_closed_slow():
+    async def main():
+        hub = Hub(conflate=lambda t: True)  # conflating topics: a normal stream would only be conflated
+        sink = FakeSink()
+        stream = every_stream(sink, cap_bytes=1000)
+        hub.open_stream(stream)
+        hub.pause(stream)
+        sink.backlog = 1000
+        hub.publish("ticker:X", "p", 1)
+        await asyncio.sleep(0)
+        assert sink.closed_with is None  # at its cap, not past it
+        sink.backlog = 1001
+        hub.publish("ticker:X", "p", 2)
+        await asyncio.sleep(0)
+        assert sink.closed_with is CloseReason.SLOW
+        assert hub.closed_by_reason[CloseReason.SLOW] == 1
+        assert hub.streams() == [] and hub.is_idle()
+        written = len(sink.sent)
+        hub.publish("room:r", "c", 3)
+        await asyncio.sleep(0)
+        assert len(sink.sent) == written  # closed: nothing more
+    run(main())
+
+
+def test_hub_rule_9_replay_all_gives_every_kept_event_in_id_order_and_the_topics_it_cannot_tell():
+    async def main():
+        hub = Hub(epoch=5, replay_events=3)
+        a1 = hub.publish("room:a", "e", 1)                               # 5-1
+        b1 = hub.publish("room:b", "e", 1)                               # 5-2
+        t0 = hub.publish("ticker:T", "p", 0)                             # 5-3
+        a2 = hub.publish("room:a", "e", 2)                               # 5-4
+        ticks = [hub.publish("ticker:T", "p", i) for i in range(1, 5)]   # 5-5 .. 5-8: the ring keeps 5-6 on
+        b2 = hub.publish("room:b", "e", 2)                               # 5-9
+        hub.publish("room:a", "presence", 3, keep=False)                 # 5-10: never kept
+        assert hub.replay_all(EventId(5, 0)) == ([a1, b1, a2, b2], ["ticker:T"])
+        assert hub.replay_all(t0.id) == ([a2, b2], ["ticker:T"])
+        assert hub.replay_all(ticks[0].id) == ([*ticks[1:], b2], [])   # the ring reaches back to it
+        assert hub.replay_all(b2.id) == ([], [])
+        assert hub.replay_all(hub.last_id()) == ([], [])
+        assert hub.replay_all(EventId(5, 11)) is None      # from the future
+        assert hub.replay_all(EventId(4, 99)) is None      # from before the hub's origin (another run)
+    run(main())
+
+
+def test_hub_rule_9_replay_all_cannot_tell_from_before_a_forgotten_rings_newest_event():
+    async def main():
+        scheduler = VirtualScheduler(start=10.0)
+        hub = Hub(epoch=2, scheduler=scheduler)
+        first = hub.publish("room:gone", "e", 1)
+        newest = hub.publish("room:gone", "e", 2)
+        await scheduler.advance(60)
+        kept = hub.publish("room:kept", "e", 3)
+        assert hub.expire(30) == 1 and "room:gone" not in hub.topics
+        assert hub.replay_all(first.id) is None       # room:gone's 2-2 is gone: who else had events?
+        assert hub.replay_all(EventId(2, 0)) is None
+        assert hub.replay_all(newest.id) == ([kept], [])
+    run(main())
+
+
+def test_hub_rule_9_cut_empties_the_named_rings_and_closes_their_streams_and_every_all_topics_stream():
+    async def main():
+        hub = Hub(epoch=1)
+        watcher = hub.subscribe("room:*")   # a pull subscriber (a chart, say): cut topics are not forgotten
+        sinks = {name: FakeSink() for name in ("every", "a", "ab", "b")}
+        streams = {
+            "every": every_stream(sinks["every"]),
+            "a": Stream(["room:a"], sinks["a"], send_framed=sinks["a"].framed.append),
+            "ab": Stream(["room:b", "room:a"], sinks["ab"]),
+            "b": Stream(["room:b"], sinks["b"], send_framed=sinks["b"].framed.append),
+        }
+        for stream in streams.values():
+            hub.open_stream(stream)
+        hub.publish("room:a", "e", 1)
+        b1 = hub.publish("room:b", "e", 2)
+        await asyncio.sleep(0)
+        for sink in sinks.values():
+            sink.framed.clear()
+        before = hub.last_id()
+        hub.cut(["room:a"])
+        assert [n for n, s in sinks.items() if s.closed_with is CloseReason.CATCH_UP] == ["every", "a", "ab"]
+        assert sinks["b"].closed_with is None and hub.streams() == [streams["b"]]
+        assert hub.closed_by_reason[CloseReason.CATCH_UP] == 3
+        assert "room:a" in hub.topics and not hub.topics["room:a"].ring
+        assert hub.ring_bytes == len(b1.frame) + EVENT_OVERHEAD_BYTES   # room:b's event alone
+        # a resume from before the cut is not covered; room:b's ring still is
+        for after in (EventId(1, 0), before):
+            assert hub.replay("room:a", after) is None
+        assert hub.replay("room:b", EventId(1, 0)) == [b1]
+        assert hub.replay_all(before) is None
+        # a resume from after the cut is
+        a2 = hub.publish("room:a", "e", 3)
+        a3 = hub.publish("room:a", "e", 4)
+        assert hub.replay("room:a", a2.id) == [a3]
+        assert hub.replay("room:a", before) is None
+        assert hub.replay_all(a2.id) == ([a3], [])
+        b2 = hub.publish("room:b", "e", 5)
+        await asyncio.sleep(0)
+        assert sinks["b"].framed == [b2.frame]  # the stream left open goes on
+        assert sinks["a"].framed == []
+        assert [e.data for e in watcher.drain()] == [1, 2, 3, 4, 5]   # a cut ends no pull subscription
+        watcher.close()
+    run(main())
+
+
+def test_hub_rule_9_cut_of_every_topic_closes_every_stream_and_moves_the_origin():
+    async def main():
+        hub = Hub(epoch=3)
+        hub.publish("room:a", "e", 1)
+        hub.publish("ticker:T", "p", 2)
+        sinks = [FakeSink() for _ in range(3)]
+        hub.open_stream(every_stream(sinks[0]))
+        hub.open_stream(Stream(["room:a"], sinks[1], send_framed=sinks[1].framed.append))
+        hub.open_stream(Stream(["ticker:T"], sinks[2]))
+        before = hub.last_id()
+        hub.cut(None)
+        assert [s.closed_with for s in sinks] == [CloseReason.CATCH_UP] * 3
+        assert hub.streams() == [] and hub.is_idle()
+        assert hub.origin == EventId(3, before.seq + 1)
+        assert hub.ring_bytes == 0 and all(not t.ring for t in hub.topics.values())
+        for topic in ("room:a", "ticker:T", "room:never"):
+            assert hub.replay(topic, before) is None
+            assert hub.replay(topic, EventId(3, 0)) is None
+        assert hub.replay_all(before) is None
+        next_one = hub.publish("ticker:T", "p", 3)
+        assert next_one.id == hub.origin
+        later = hub.publish("room:a", "e", 4)
+        assert hub.replay_all(next_one.id) == ([later], [])
+        assert hub.replay("room:never", next_one.id) == []
     run(main())

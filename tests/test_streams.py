@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import sqlite3
@@ -14,13 +15,14 @@ from monkestream import CloseReason
 from monkestream.clock import VirtualScheduler
 from monkestream.config import Config
 from monkestream.http11 import chunk
-from monkestream.hub import Hub
-from monkestream.replay import Replayer
+from monkestream.hub import EVERY_TOPIC, Hub
+from monkestream.replay import Replayer, reset_event
 from monkestream.routing import Exchange, Router
 from monkestream.server import Connection, Server
-from monkestream.sse import EventId, encode_event
+from monkestream.sse import EventId, EventStreamParser, encode_event, label_frame
 from monkestream.store import Store
 from monkestream.streams import StreamOpener
+from monkestream.ticker import Ticker, topic_symbol
 from helpers import AppThread, ServerProcess, SSEClient, healthz, post_tickers, request
 from test_server_timers import FakeTransport, Lowest
 
@@ -460,6 +462,9 @@ class Present:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
+    async def ready(self) -> None:
+        self.calls.append("ready")
+
     def attached(self) -> list[bytes]:
         self.calls.append("attached")
         return [encode_event("hello", "{}")]
@@ -560,20 +565,204 @@ async def test_streams_rule_3_a_member_is_attached_with_its_stream_after_its_bac
     hub.publish("room:r", "e", "y" * 10)
     conn, transport = arrive(server, asking("room:r", last_id=str(first.id)))
     await scheduler.advance(0)
-    assert live.calls == ["attached"] and conn.stream is not None
+    assert live.calls == ["ready", "attached"] and conn.stream is not None
     assert received(transport) == [("e", '"' + "y" * 10 + '"'), ("hello", "{}")]  # the backlog, then its frame
     for n in range(20):
         hub.publish("room:r", "e", n * 10**9)  # more than a budget of 400 bytes holds
     _, cut = arrive(server, asking("room:r", last_id=str(first.id)))
     await scheduler.advance(0)
-    assert partial.calls == ["closed"] and cut.closed  # sent in part and closed: never attached
+    assert partial.calls == ["ready", "closed"] and cut.closed  # sent in part and closed: never attached
     gone, _ = arrive(server, asking("room:r"))
     gone.connection_lost(None)  # the client left before its stream was attached
     await scheduler.advance(0)
     assert dropped.calls == ["closed"]
     conn.connection_lost(None)
-    assert live.calls == ["attached", "closed"]
+    assert live.calls == ["ready", "attached", "closed"]
     arrive(server, asking("room:r"))
     await scheduler.advance(0)
     await server.stop()  # whatever ends it
-    assert shut.calls == ["attached", "closed"]
+    assert shut.calls == ["ready", "attached", "closed"]
+
+
+# -- the all-topics stream: its resume (replay Rule 5) and GET /events?topic=* (streams Rule 4) ----
+
+
+def labelled_frames(raw: bytes) -> list[dict[str, str]]:
+    """Each event frame of an all-topics stream's bytes, its fields by name (``topic``, ``keep``, ...)."""
+    frames = []
+    for block in raw.split(b"\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.decode().split("\n"):
+            name, _, value = line.partition(":")
+            if name:
+                fields[name] = value[1:] if value.startswith(" ") else value
+        if "data" in fields:
+            frames.append(fields)
+    return frames
+
+
+class RawParser(EventStreamParser):
+    """The browser's parser, keeping the bytes it was fed: the labels it ignores are in them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw = b""
+
+    def feed(self, chunk: bytes) -> list:
+        self.raw += chunk
+        return super().feed(chunk)
+
+
+def every_topic_client(port: int, headers: dict[str, str] | None = None, path: str = "/events?topic=*") -> SSEClient:
+    client = SSEClient(port, path, headers, connect=False)
+    client.parser = RawParser()
+    client.connect()
+    return client
+
+
+def test_replay_rule_5_the_all_topics_stream_resumes_over_every_topic_labelled_with_sqlite_for_a_wrapped_ticker(tmp_path):
+    async def main():
+        store = Store(str(tmp_path / "every.db"))
+        hub = Hub(epoch=await store.open(), replay_events=3)
+        replayer = Replayer(hub, store, stored_symbol=topic_symbol, budget_bytes=65536)
+        start = hub.last_id()
+        rows, prices, kept, wrapped = [], [], [], []
+        for i in range(6):   # six prices: the ring keeps the last three, SQLite all of them
+            ticker = Ticker("WRAP", f"{i}.5", "USD", 1_700_000_000 + i)
+            prices.append(hub.publish("ticker:WRAP", "price_update", None, json_text=ticker.to_json()))
+            rows.append((prices[-1].seq, ticker))
+            wrapped.append(hub.publish("room:wrapped", "comment_posted", {"n": i}))   # its ring wraps too: a reset
+            if i % 2:
+                kept.append(hub.publish("room:kept", "comment_posted", {"n": i}))
+        hub.publish("room:kept", "user_joined", {"user": "ann"}, keep=False)   # live only: never replayed
+        await store.append_tickers(rows, len(rows), rows[-1][0])
+
+        build = await replayer.prepare([EVERY_TOPIC], str(start))
+        assert replayer.sqlite_reads == 1
+        backlog = build()
+        assert backlog.complete
+        reset, *rest = backlog.frames
+        assert reset == reset_event(["room:wrapped"], str(start))   # names the room, not every topic
+        expected = sorted([*prices, *kept], key=lambda e: e.seq)
+        assert rest == [label_frame(e.topic, True, e.frame) for e in expected]  # SQLite's rows labelled too
+        got = labelled_frames(b"".join(rest))
+        assert [(f["topic"], f["id"]) for f in got] == [(e.topic, str(e.id)) for e in expected]
+        assert not any("keep" in f for f in got)
+
+        # from inside the rings' reach: nothing is read, nothing reset
+        build = await replayer.prepare([EVERY_TOPIC], str(prices[3].id))
+        assert replayer.sqlite_reads == 1
+        tail = sorted([e for e in [*expected, *wrapped] if e.seq > prices[3].seq], key=lambda e: e.seq)
+        assert {e.topic for e in tail} == {"ticker:WRAP", "room:kept", "room:wrapped"}
+        assert build().frames == [label_frame(e.topic, True, e.frame) for e in tail]
+        await store.close(hub.seq)
+    asyncio.run(main())
+
+
+def test_replay_rule_5_when_the_hub_cannot_tell_the_all_topics_stream_gets_one_reset_naming_every_topic(tmp_path):
+    async def main():
+        store = Store(str(tmp_path / "star.db"))
+        hub = Hub(epoch=await store.open())
+        replayer = Replayer(hub, store, stored_symbol=topic_symbol, budget_bytes=65536)
+        first = hub.publish("room:a", "comment_posted", {"n": 1})
+        hub.publish("room:b", "comment_posted", {"n": 2})
+        future = str(EventId(hub.epoch, hub.seq + 5))
+        other_run = str(EventId(hub.epoch - 1000, 3))
+        for last_id in ["garbage", future, other_run]:
+            backlog = (await replayer.prepare([EVERY_TOPIC], last_id))()
+            assert backlog.frames == [reset_event([EVERY_TOPIC], last_id)] and backlog.complete
+            (reset,) = labelled_frames(backlog.frames[0])
+            assert reset["event"] == "reset" and json.loads(reset["data"])["topics"] == ["*"]
+        # a cut (the relay's upstream lost events) leaves the hub unable to tell from before it
+        hub.cut(["room:a"])
+        backlog = (await replayer.prepare([EVERY_TOPIC], str(first.id)))()
+        assert backlog.frames == [reset_event([EVERY_TOPIC], str(first.id))]
+        assert replayer.sqlite_reads == 0
+        await store.close(hub.seq)
+    asyncio.run(main())
+
+
+def test_replay_rule_5_a_relay_resuming_from_the_server_gets_sqlite_prices_and_a_room_reset_labelled(tmp_path):
+    with AppThread(tmp_path / "e.db", flush_interval=0.05, replay_events=3, comment_burst=100) as s:
+        with every_topic_client(s.port) as first:
+            wait_until(lambda: first.pump(0.05) or first.parser.last_event_id)   # its position
+            position = first.parser.last_event_id
+        publish(s.port, "WRAP", *range(1, 11))
+        for i in range(5):
+            assert request(s.port, "POST", "/room/wrapped/comments", {"user": "ann", "text": f"c{i}"})[0] == 201
+        wait_until(lambda: healthz(s.port)["unpersisted"] == 0)
+        with every_topic_client(s.port, {"Last-Event-ID": position}) as relay:
+            (reset,) = relay.wait_for(1, name="reset")
+            assert json.loads(reset.data)["topics"] == ["room:wrapped"]
+            assert prices(relay.wait_for(11))[-10:] == list(range(1, 11))
+            frames = labelled_frames(relay.parser.raw)
+            wrap = [f for f in frames if f.get("event") == "price_update"]
+            assert [f["topic"] for f in wrap] == ["ticker:WRAP"] * 10   # the seven SQLite gave too
+            ids = [EventId.parse(f["id"]) for f in frames if "id" in f]
+            assert ids == sorted(ids)
+            # and it goes on live, labelled
+            assert request(s.port, "POST", "/room/wrapped/comments", {"user": "bo", "text": "live"})[0] == 201
+            (live,) = relay.wait_for(1, name="comment_posted")
+            assert labelled_frames(relay.parser.raw)[-1]["topic"] == "room:wrapped"
+            assert json.loads(live.data)["text"] == "live"
+
+
+def test_streams_rule_4_the_all_topics_stream_needs_the_token_when_one_is_set(tmp_path):
+    with AppThread(tmp_path / "tok.db", token="sesame", flush_interval=0.05) as s:
+        for headers in [{}, {"Authorization": "Bearer nope"}, {"Authorization": "sesame"},
+                        {"X-Relay-Token": "sesame"}]:
+            status, response_headers, body = request(s.port, "GET", "/events?topic=*", headers=headers)
+            assert status == 401 and "error" in json.loads(body), headers
+            assert response_headers["www-authenticate"].startswith("Bearer")
+        assert s.call(lambda: s.app.hub.stream_count) == 0
+        # a normal stream needs no token
+        with SSEClient(s.port, "/events?topic=room:open") as browser:
+            assert browser.status == 200
+        with every_topic_client(s.port, {"Authorization": "Bearer sesame"}) as relay:
+            assert relay.status == 200 and relay.response_headers["content-type"] == "text/event-stream"
+            assert request(s.port, "POST", "/room/any/comments", {"user": "ann", "text": "hi"})[0] == 201
+            status, _, _ = request(s.port, "POST", "/ticker/TOK/price", {"price": "1.5"},
+                                   headers={"Authorization": "Bearer sesame"})
+            assert status == 201
+            comment, price = relay.wait_for(2)
+            assert (comment.type, price.type) == ("comment_posted", "price_update")
+            labels = [f["topic"] for f in labelled_frames(relay.parser.raw)]
+            assert labels[-2:] == ["room:any", "ticker:TOK"]
+    with AppThread(tmp_path / "open.db", flush_interval=0.05) as s:   # no token set: open to all
+        with every_topic_client(s.port) as relay:
+            assert relay.status == 200
+            assert request(s.port, "POST", "/room/any/comments", {"user": "ann", "text": "hi"})[0] == 201
+            (comment,) = relay.wait_for(1, name="comment_posted")
+            assert labelled_frames(relay.parser.raw)[-1]["topic"] == "room:any"
+
+
+@pytest.mark.parametrize("path", [
+    "/events?topic=*&topic=ticker:A",
+    "/events?topic=room:lobby&topic=*",
+    "/events?topic=*&user=ann",
+    "/events?topic=*&user=",
+])
+def test_streams_rule_4_the_all_topics_stream_takes_no_other_topic_and_no_user(server, path):
+    for headers in [{}, {"Authorization": "Bearer whatever"}]:
+        status, _, body = request(server.port, "GET", path, headers=headers)
+        assert status == 400 and json.loads(body)["error"].startswith("topic"), (path, body)
+    assert server.call(lambda: server.app.hub.stream_count) == 0
+
+
+def test_streams_rule_4_the_all_topics_stream_may_hold_the_relay_buffer_unsent(tmp_path):
+    # a normal stream's buffer is as big as can be: only the relay buffer can close the stream
+    with AppThread(tmp_path / "buf.db", relay_buffer=4096, stream_buffer=64 * 1024 * 1024,
+                   flush_interval=0.05) as s:
+        normal = stalled_client(s.port, "/events?topic=ticker:BIG")
+        relay = stalled_client(s.port, "/events?topic=*")
+        wait_until(lambda: s.app.hub.stream_count == 2)
+        caps = s.call(lambda: sorted(st.cap_bytes for st in s.app.hub.streams()))
+        assert caps == [4096, 64 * 1024 * 1024]
+        for start in range(0, 200_000, 5000):   # at most about 26 MB of frames
+            publish(s.port, "BIG", *range(start + 1, start + 5001))
+            if s.call(lambda: s.app.hub.closed_by_reason[CloseReason.SLOW]):
+                break
+        wait_until(lambda: s.app.hub.closed_by_reason[CloseReason.SLOW] == 1)
+        assert s.call(lambda: [st.topics for st in s.app.hub.streams()]) == [("ticker:BIG",)]  # the normal one stays
+        normal.close()
+        relay.close()
