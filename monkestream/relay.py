@@ -53,7 +53,7 @@ from .replay import Replayer
 from .routing import Exchange, HTTPError, Response, Router
 from .sse import EventId, label_frame
 from .ticker import InvalidTicker, Ticker, loads, parse_ticker, topic_symbol
-from .upstream import Upstream, UpstreamError
+from .upstream import Frame, Upstream, UpstreamError, split_frames
 from .upstream_presence import UpstreamPresence
 
 log = logging.getLogger("monkestream")
@@ -70,44 +70,6 @@ RELAY_TOKEN_HEADER = "X-Relay-Token"
 # what a forwarded request's client may not say itself: the relay says who it is
 _NOT_FORWARDED = frozenset({"x-forwarded-for", "forwarded", "x-real-ip", "x-relay-token"})
 _PASSED_BACK = frozenset({"retry-after", "www-authenticate", "cache-control", "vary"})
-
-
-class Frame(NamedTuple):
-    """One frame of an event stream, with the fields a relay reads."""
-
-    raw: bytes
-    id: str | None
-    event: str | None
-    data: str | None
-    topic: str | None
-    keep: bool
-
-
-def split_frames(buffer: bytes) -> tuple[list[Frame], bytes]:
-    """The complete frames at the start of ``buffer`` and what is left of it.
-
-    The upstream is a monkestream, whose frames end their lines with LF only.
-    """
-    frames = []
-    start = 0
-    while (end := buffer.find(b"\n\n", start)) != -1:
-        raw = buffer[start:end + 2]
-        start = end + 2
-        fields: dict[str, str] = {}
-        data: list[str] = []
-        for line in raw[:-2].decode("utf-8", "replace").split("\n"):
-            if not line or line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "data":
-                data.append(value)
-            else:
-                fields[name] = value
-        if data or "id" in fields:
-            frames.append(Frame(raw, fields.get("id"), fields.get("event"), "\n".join(data) if data else None,
-                                fields.get("topic"), fields.get("keep") != "0"))
-    return frames, buffer[start:]
 
 
 def token_headers(token: str) -> list[tuple[str, str]]:
@@ -292,14 +254,14 @@ class RelayReplayer:
         self.partial = 0
         self.sqlite_reads = 0      # a relay reads none: its upstream does
 
-    async def prepare(self, topics: list[str], last_id: str) -> Callable[[], Backlog]:
+    async def prepare(self, topics: list[str], last_id: str, client: str = "") -> Callable[[], Backlog]:
         after = EventId.parse(last_id)
         if after is None:  # an id no monkestream gave: a reset, as the upstream would say
             return await self.local.prepare(topics, last_id)
         reached = await self.follower.reach(after)
         if reached and self._covered(topics, after):
             return await self.local.prepare(topics, last_id)
-        fetched = await self._fetch(topics, last_id)
+        fetched = await self._fetch(topics, last_id, client)
         return lambda: self._merge(topics, after, fetched)
 
     def _covered(self, topics: list[str], after: EventId) -> bool:
@@ -309,20 +271,22 @@ class RelayReplayer:
             return got is not None and not got[1]
         return all(hub.replay(topic, after) is not None for topic in topics)
 
-    async def _fetch(self, topics: list[str], last_id: str) -> Fetched:
+    async def _fetch(self, topics: list[str], last_id: str, client: str) -> Fetched:
         """The upstream's backlog for this resume, read up to its position (or its end)."""
         self.fetched += 1
         frames: list[tuple[EventId | None, bytes]] = []
         try:
-            return await within(self.upstream.scheduler, FETCH_TIMEOUT_S, self._read_backlog(topics, last_id, frames))
+            return await within(self.upstream.scheduler, FETCH_TIMEOUT_S,
+                                self._read_backlog(topics, last_id, client, frames))
         except (UpstreamError, OSError, ValueError, asyncio.IncompleteReadError, TimeoutError) as exc:
             log.debug("a resume from the upstream failed: %s", exc)
         return Fetched(frames, None)  # what came before the failure: the client resumes for the rest
 
-    async def _read_backlog(self, topics: list[str], last_id: str,
+    async def _read_backlog(self, topics: list[str], last_id: str, client: str,
                             frames: list[tuple[EventId | None, bytes]]) -> Fetched:
         target = "/events?" + "&".join("topic=" + quote(t, safe=":*") for t in topics)
-        body = await self.upstream.stream(target, [("Last-Event-ID", last_id), *token_headers(self.token)])
+        named = [("X-Forwarded-For", client)] if client else []  # the upstream's per-client cap is the client's
+        body = await self.upstream.stream(target, [("Last-Event-ID", last_id), *named, *token_headers(self.token)])
         try:
             if body.status != 200:
                 return Fetched([], None)

@@ -65,10 +65,11 @@ class Replayer:
         self.partial = 0                      # backlogs cut at the budget (metrics)
         self.sqlite_reads = 0
 
-    async def prepare(self, topics: list[str], last_id: str) -> Callable[[], Backlog]:
+    async def prepare(self, topics: list[str], last_id: str, client: str = "") -> Callable[[], Backlog]:
         """Read from SQLite what the rings cannot give; return the step that builds the backlog.
 
         Call the result in the step that attaches the stream (``Hub.open_stream``).
+        ``client`` is whom the stream is for (a relay's replayer names it upstream).
         """
         after = EventId.parse(last_id)
         if after is None:

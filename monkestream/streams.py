@@ -64,7 +64,7 @@ class StreamOpener:
         replayer = self.replayer
 
         async def prepare() -> Callable[[], Backlog]:
-            return await replayer.prepare([EVERY_TOPIC], position)
+            return await replayer.prepare([EVERY_TOPIC], position, ex.client)
         return EventStream([EVERY_TOPIC], prepare, cap_bytes=cap_bytes)
 
     def __call__(self, ex: Exchange, topics: list[str], member: Member | None = None) -> EventStream:
@@ -90,7 +90,7 @@ class StreamOpener:
         async def prepare() -> Callable[[], Backlog]:
             if member is not None:
                 await member.ready()
-            build = await replayer.prepare(topics, position)
+            build = await replayer.prepare(topics, position, ex.client)
 
             def start() -> Backlog:
                 release(forget=False)  # attached in this step: the stream holds its topics now

@@ -13,7 +13,8 @@ Rule 1: a request is sent on an idle kept-alive connection when there is one,
 Rule 2: every step has a deadline (``timeout``); a connection that fails or
         times out is closed, never reused. Failures raise ``UpstreamError``.
 Rule 3: an event stream's body is read as it arrives, chunk by chunk, on a
-        connection of its own that is never reused.
+        connection of its own that is never reused; ``split_frames`` reads
+        its frames, with the fields a relay needs (``topic``, ``keep``).
 """
 
 from __future__ import annotations
@@ -186,6 +187,44 @@ class EventBody:
 
     def close(self) -> None:
         self._writer.close()
+
+
+class Frame(NamedTuple):
+    """One frame of an event stream, with the fields a relay reads."""
+
+    raw: bytes
+    id: str | None
+    event: str | None
+    data: str | None
+    topic: str | None
+    keep: bool
+
+
+def split_frames(buffer: bytes) -> tuple[list[Frame], bytes]:
+    """The complete frames at the start of ``buffer`` and what is left of it.
+
+    The upstream is a monkestream, whose frames end their lines with LF only.
+    """
+    frames = []
+    start = 0
+    while (end := buffer.find(b"\n\n", start)) != -1:
+        raw = buffer[start:end + 2]
+        start = end + 2
+        fields: dict[str, str] = {}
+        data: list[str] = []
+        for line in raw[:-2].decode("utf-8", "replace").split("\n"):
+            if not line or line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                data.append(value)
+            else:
+                fields[name] = value
+        if data or "id" in fields:
+            frames.append(Frame(raw, fields.get("id"), fields.get("event"), "\n".join(data) if data else None,
+                                fields.get("topic"), fields.get("keep") != "0"))
+    return frames, buffer[start:]
 
 
 class _NothingRead(Exception):

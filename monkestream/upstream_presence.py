@@ -36,28 +36,13 @@ from urllib.parse import quote
 from .clock import within
 from .jsontext import dumps
 from .sse import EventId, encode_event
-from .upstream import Upstream, UpstreamError
+from .upstream import Upstream, UpstreamError, split_frames
 
 log = logging.getLogger("monkestream")
 
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 JOIN_TIMEOUT_S = 10.0
-
-
-def _frames(buffer: bytes) -> tuple[list[dict[str, str]], bytes]:
-    """Complete frames of an event stream as field dicts (``data`` joined), and the rest."""
-    out = []
-    while (end := buffer.find(b"\n\n")) != -1:
-        raw, buffer = buffer[:end], buffer[end + 2:]
-        fields: dict[str, str] = {}
-        for line in raw.decode("utf-8", "replace").split("\n"):
-            if line and not line.startswith(":"):
-                name, _, value = line.partition(":")
-                value = value.removeprefix(" ")
-                fields[name] = fields[name] + "\n" + value if name == "data" and name in fields else value
-        out.append(fields)
-    return out, buffer
 
 
 class Held:
@@ -93,13 +78,12 @@ class Held:
                 raise UpstreamError(f"status {body.status}")
             buffer = b""
             async for data in body:
-                frames, buffer = _frames(buffer + data)
-                for fields in frames:
-                    if fields.get("event") == "members" and "data" in fields:
-                        members = json.loads(fields["data"])
-                        presence.listed(self.room, members.get("users", []))
-                    elif "id" in fields and "data" not in fields:  # the position: joined upstream
-                        position = EventId.parse(fields["id"])
+                frames, buffer = split_frames(buffer + data)
+                for frame in frames:
+                    if frame.event == "members" and frame.data is not None:
+                        presence.listed(self.room, json.loads(frame.data).get("users", []))
+                    elif frame.id is not None and frame.data is None:  # the position: joined upstream
+                        position = EventId.parse(frame.id)
                         if position is not None:
                             presence.known_at[self.room] = max(position, presence.known_at.get(self.room, position))
                         self.joined.set()

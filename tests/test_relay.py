@@ -12,7 +12,6 @@ ports: an origin, and relays of it (``--upstream``), some chained.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -566,3 +565,20 @@ def test_relay_rule_4_behind_the_shipped_nginx_a_client_whose_relay_dies_resumes
             proxy.stop()
             for r in relays:
                 r.stop()
+
+
+def test_relay_rule_5_a_resume_fetched_upstream_is_counted_against_the_client_not_the_relay(tmp_path):
+    with origin(tmp_path, "--trusted-proxies", "127.0.0.1", "--access-log", "-") as o:
+        with SSEClient(o.port, "/ticker/BTC/event") as first:
+            while not first.parser.last_event_id:
+                first.pump(0.05)
+            start = first.parser.last_event_id   # its position, before any price
+        post_price(o.port, "BTC", 1)
+        with relay(tmp_path, o) as r:  # it starts after price 1: the resume is the upstream's
+            post_price(o.port, "BTC", 2)
+            with SSEClient(r.port, "/ticker/BTC/event", headers={"Last-Event-ID": start}, source="127.0.0.5") as c:
+                assert prices(c.wait_for(2, name="price_update")) == [1, 2]
+            deadline = time.monotonic() + 5
+            while not re.search(r'^127\.0\.0\.5 .*"GET /events\?topic=ticker:BTC HTTP/1.1" 200', o.read_log(), re.M):
+                assert time.monotonic() < deadline, o.read_log()[-2000:]
+                time.sleep(0.05)

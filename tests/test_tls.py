@@ -129,3 +129,19 @@ def test_a_stalled_tls_handshake_is_cut_at_the_header_timeout(tls_server):
         except ConnectionResetError:
             closed = True
         assert closed and time.monotonic() - started < HEADER_TIMEOUT_S + 1.5
+
+
+def test_a_relay_follows_an_https_upstream_that_its_trust_store_knows(tls_server, certificate, tmp_path):
+    """``--upstream https://``: verified against the system's trust store, here SSL_CERT_FILE."""
+    cert, _key = certificate
+    upstream = f"https://localhost:{tls_server.port}"
+    unknown = ServerProcess(tmp_path / "a.db", "--upstream", upstream, env={"SSL_CERT_FILE": str(tmp_path / "none")})
+    with pytest.raises(TimeoutError):  # an unverified upstream is never followed
+        unknown.start(timeout=3)
+    assert "certificate verify failed" in unknown.read_log()
+    unknown.stop()
+    with ServerProcess(tmp_path / "b.db", "--upstream", upstream, env={"SSL_CERT_FILE": str(cert)}) as relay:
+        with SSEClient(relay.port, "/ticker/TLS/event") as client:
+            status, _ = https(tls_server, "POST", "/ticker/TLS/price", {"price": "1.25"})
+            assert status == 201
+            assert [e.data for e in client.wait_for(1, name="price_update")][0].startswith('{"symbol":"TLS"')

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from helpers import ServerProcess, healthz, request
-from test_relay import Source, post_price, prices
+from test_relay import Source, post_price
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreading is Linux's")
 
