@@ -31,8 +31,9 @@ Rule 6: charts and symbols are the relay's own: warmed from the upstream
         (``GET /symbols`` and ``GET /charts``) at start, then fed by the
         followed tickers like an origin's.
 Rule 7: chat presence is the upstream's (``upstream_presence``): a user with
-        streams on the relay is made present there, and the relay's hub,
-        which numbers nothing itself (``Hub.follows``), never publishes.
+        streams on the relay is made present there. The relay's hub numbers
+        no event itself (``Hub.follows``): every event it carries, a join
+        included, is the upstream's.
 """
 
 from __future__ import annotations
