@@ -602,3 +602,18 @@ def test_hub_rule_9_cut_of_every_topic_closes_every_stream_and_moves_the_origin(
         assert hub.replay_all(next_one.id) == ([later], [])
         assert hub.replay("room:never", next_one.id) == []
     run(main())
+
+
+def test_hub_rule_6_a_hub_that_follows_another_numbers_no_event_itself():
+    async def main() -> None:
+        hub = Hub(epoch=5)
+        hub.follows = True
+        with pytest.raises(RuntimeError):
+            hub.publish("room:a", "e", 1)
+        assert hub.last_id() == EventId(5, 0) and "room:a" not in hub.topics  # nothing taken
+        event = hub.publish("room:a", "e", 1, event_id=EventId(9, 4))
+        assert event.id == hub.last_id() == EventId(9, 4)
+        with pytest.raises(ValueError):
+            hub.publish("room:a", "e", 2, event_id=EventId(9, 4))  # ids only grow
+
+    asyncio.run(main())
