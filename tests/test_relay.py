@@ -582,3 +582,21 @@ def test_relay_rule_5_a_resume_fetched_upstream_is_counted_against_the_client_no
             while not re.search(r'^127\.0\.0\.5 .*"GET /events\?topic=ticker:BTC HTTP/1.1" 200', o.read_log(), re.M):
                 assert time.monotonic() < deadline, o.read_log()[-2000:]
                 time.sleep(0.05)
+
+
+def test_relay_rule_1_a_relay_gets_every_event_of_a_bulk_flood_losslessly(tmp_path):
+    """Prices conflate for a slow browser, never for a relay: it follows 30,000 tickers one by one."""
+    with origin(tmp_path, "--flush-interval", "0.5") as o, relay(tmp_path, o) as r:
+        with SSEClient(r.port, "/events?topic=*", timeout=20) as every:
+            for batch in range(3):
+                tickers = [{"symbol": f"S{n % 50}", "price": str(batch * 10_000 + n + 1)} for n in range(10_000)]
+                deadline = time.monotonic() + 20
+                while (status := request(o.port, "POST", "/tickers", tickers, timeout=20)[0]) == 503:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+                assert status == 201
+            got = every.wait_for(30_000, timeout=60, name="price_update")
+        assert [int(json.loads(e.data)["price"]) for e in got] == list(range(1, 30_001))
+        assert ids(got) == sorted(set(ids(got)))
+        assert healthz(r.port)["lastEventId"] == healthz(o.port)["lastEventId"]
+        assert healthz(r.port)["upstream"]["connects"] == 1   # never cut off on the way
