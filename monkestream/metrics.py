@@ -10,7 +10,7 @@ import asyncio
 import errno
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from .chat import Chat
 from .config import Config
@@ -52,6 +52,7 @@ class Monitor:
     has_token: Callable[[Request], bool]   # whether a request carries the publish token
     supervisor: Supervisor | None = None   # the background pipelines, when they are supervised
     started_at: float = field(default_factory=time.time)
+    broker: Any = None                     # with --broker: the log in Redis (broker.Broker)
 
     def register(self, router: Router) -> None:
         add = router.add
@@ -83,6 +84,8 @@ class Monitor:
             "pipelines": {} if self.supervisor is None else
                          {name: p.health() for name, p in self.supervisor.pipelines.items()},
         }
+        if self.broker is not None:
+            health["broker"] = self.broker.health()
         if not self.config.token or self.has_token(ex.request):
             health["config"] = self.config.summary(paths=False)
         return json_response(health)
@@ -94,7 +97,8 @@ class Monitor:
     def _sound(self) -> bool:
         """Whether nothing is failing: database writes, accepting connections, the pipelines."""
         return (self.store.failing is None and self._short_of() is None
-                and (self.supervisor is None or self.supervisor.healthy))
+                and (self.supervisor is None or self.supervisor.healthy)
+                and (self.broker is None or self.broker.connected))
 
     def get_metrics(self, ex: Exchange) -> Response:
         return Response(200, self.render().encode(), PROMETHEUS_TEXT)
@@ -188,4 +192,7 @@ class Monitor:
                        [(f'{{pipeline="{p.name}"}}', int(p.state == "running")) for p in pipelines])
         out += _family("monkestream_errors_total", "counter", "Unexpected errors (each also logged).",
                        [("", server.errors)])
+        if self.broker is not None:
+            for name, kind, help_text, value in self.broker.metrics():
+                out += _family(name, kind, help_text, [("", value)])
         return "\n".join(out) + "\n"

@@ -1,0 +1,317 @@
+"""The broker: several nodes made one service by one Redis Stream, the log of every event.
+
+Theory of operation
+-------------------
+Rule 1: one log. Every accepted event is appended to one Redis Stream
+        (XADD), and a node publishes on its hub only what it reads back
+        (XREAD), under the entry's id. Redis ids are ``MS-SEQ``, the form of
+        the hub's ``EPOCH-SEQ`` ids, so every node delivers the same events
+        in the same order under the same ids, and ``Last-Event-ID`` means
+        the same on every node.
+Rule 2: a write is answered only after Redis took it: a batch of entries is
+        one MULTI/EXEC pipeline, all or none. While Redis cannot be reached,
+        writes raise ``Unavailable`` (503 with Retry-After) and the reader
+        reconnects with jittered backoff, from the last id it read.
+Rule 3: a lost log is noticed, never a silent gap. The log has a run
+        marker (a random token under its own key). A node that finds the
+        marker changed, its last id no longer in the log (trimmed past it),
+        or the log's last id behind its own, counts one gap, logs it once,
+        shows it on /healthz, moves its hub's origin past every id it has
+        issued (streams from before resume with ``reset``), closes its open
+        streams so they do, and reads the log from its start.
+Rule 4: Redis trims the log as it appends (``MAXLEN ~`` or ``MINID ~``, by
+        ``--broker-retention``): its memory is bounded, by events or by age.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import secrets
+import time
+from typing import Any, Awaitable, Callable
+
+from .errors import ConfigError, Unavailable
+from .hub import CloseReason, Hub
+from .sse import EventId
+
+log = logging.getLogger("monkestream")
+
+KEY_PREFIX = "monkestream:"      # every key the service uses starts with this
+READ_COUNT = 2000                # entries per XREAD
+READ_BLOCK_MS = 1000             # how long one XREAD waits for new entries
+RANGE_COUNT = 1000               # entries per XRANGE of a resume
+BACKOFF_MIN_S = 0.1
+BACKOFF_MAX_S = 5.0
+RETRY_AFTER_S = 2                # what a writer is told while Redis cannot be reached
+WRITE_TIMEOUT_S = 5.0
+FLOOR_NAME = "_floor"            # an entry that only raises the log's ids past a lost log's (Rule 3)
+RETENTION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+PACKAGE_HINT = "pip install 'monkestream[redis]'"
+
+Entry = tuple[EventId, dict[bytes, bytes]]
+
+
+def parse_retention(text: str) -> tuple[int, float]:
+    """``--broker-retention``: ``N`` events, or an age ``Ns``/``Nm``/``Nh``/``Nd``; (events, seconds), one of them 0."""
+    m = RETENTION_RE.fullmatch(text.strip())
+    if not m:
+        raise ConfigError(f"--broker-retention: {text!r} is neither a count of events nor an age like 24h")
+    number, unit = m.groups()
+    if not unit:
+        if "." in number or int(number) < 1:
+            raise ConfigError("--broker-retention: a count of events is a whole number, at least 1")
+        return int(number), 0.0
+    seconds = float(number) * UNITS_S[unit]
+    if seconds < 1:
+        raise ConfigError("--broker-retention: an age is at least 1s")
+    return 0, seconds
+
+
+def check_url(url: str) -> None:
+    if not re.fullmatch(r"rediss?://[^\s/]+(/\d+)?/?", url):
+        raise ConfigError("--broker: must look like redis://[user:password@]host:port/db (or rediss://)")
+
+
+def hide_password(url: str) -> str:
+    """The URL as it may be logged: a password replaced by ``***``."""
+    return re.sub(r"(://[^:@/]*:)[^@/]*@", r"\1***@", url)
+
+
+def parse_id(raw: bytes | str) -> EventId:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return EventId(int(ms), int(seq or 0))
+
+
+def _fmt(event_id: EventId) -> str:
+    return f"{event_id.epoch}-{event_id.seq}"
+
+
+def import_redis() -> Any:
+    """The ``redis`` package's asyncio client; ConfigError (one line) naming the extra when it is missing."""
+    try:
+        import redis.asyncio as aioredis
+    except ImportError:
+        raise ConfigError(f"--broker needs the redis package: {PACKAGE_HINT}") from None
+    return aioredis
+
+
+class Broker:
+    """The log in Redis: appends, range reads, the run marker, and the reader feeding this node.
+
+    ``apply`` takes each batch of entries read, in log order; the node
+    publishes them on its hub.
+    """
+
+    def __init__(self, url: str, retention: str, hub: Hub, *, prefix: str = KEY_PREFIX) -> None:
+        aioredis = import_redis()
+        self.url = url
+        self.hub = hub
+        self.prefix = prefix
+        self.key = prefix + "log"
+        self.marker_key = prefix + "run"
+        self.max_events, self.max_age_s = parse_retention(retention)
+        common = dict(socket_connect_timeout=2, health_check_interval=0)
+        self.writer = aioredis.from_url(url, socket_timeout=WRITE_TIMEOUT_S, **common)
+        self.reader_client = aioredis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 5, **common)
+        self.node = secrets.token_hex(4)
+        self.apply: Callable[[list[Entry]], Awaitable[None]] | None = None
+        self.position = EventId(0, 0)     # the last entry read
+        self.since = EventId(0, 0)        # this node holds the log continuously from here (after a gap: from it)
+        self.marker: str | None = None    # the run marker of the log this node reads
+        self.connected = False
+        self.failing: str | None = None   # why Redis cannot be reached, while it cannot
+        self.reconnects = 0
+        self.gaps = 0
+        self.last_gap: str | None = None
+        self.appended = 0
+        self.read = 0
+        self.write_refusals = 0
+        self.skipped = 0                  # entries at or below the hub's last id (after a lost log)
+        self.lag_s = 0.0                  # age of the last entry read when it was read
+        self.caught_up = asyncio.Event()
+        self.on_change: Callable[[], Awaitable[None]] | None = None   # persists marker and since
+
+    # -- writing (Rule 2) -------------------------------------------------------
+
+    def _trim(self) -> dict[str, Any]:
+        """XADD's trimming arguments (Rule 4)."""
+        if self.max_events:
+            return {"maxlen": self.max_events, "approximate": True}
+        return {"minid": str(int((time.time() - self.max_age_s) * 1000)), "approximate": True}
+
+    async def append(self, entries: list[dict[str, str]]) -> list[EventId]:
+        """Append entries, all or none, in one MULTI/EXEC; their ids. Unavailable while Redis cannot take them."""
+        if not entries:
+            return []
+        trim = self._trim()
+        try:
+            if len(entries) == 1:
+                ids = [await self.writer.xadd(self.key, entries[0], **trim)]
+            else:
+                async with self.writer.pipeline(transaction=True) as pipe:
+                    for fields in entries:
+                        pipe.xadd(self.key, fields, **trim)
+                    ids = await pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - any failure of Redis is a refusal, never a lost ack
+            raise self._refused(exc) from None
+        self.appended += len(ids)
+        return [parse_id(i) for i in ids]
+
+    def _refused(self, exc: BaseException) -> Unavailable:
+        self.write_refusals += 1
+        return Unavailable(f"the broker cannot take writes now ({type(exc).__name__}); retry later", RETRY_AFTER_S)
+
+    async def call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        """One command on the writer connection; Unavailable if Redis cannot answer."""
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise self._refused(exc) from None
+
+    # -- reading (Rules 1 and 3) ------------------------------------------------
+
+    async def range(self, after: EventId, end: EventId, count: int = RANGE_COUNT) -> list[Entry]:
+        """Entries after ``after`` up to ``end``, at most ``count`` (XRANGE)."""
+        raw = await self.reader_client.xrange(self.key, "(" + _fmt(after), _fmt(end), count=count)
+        return [(parse_id(i), fields) for i, fields in raw]
+
+    async def holds(self, after: EventId) -> bool:
+        """Whether the log still holds every entry after ``after`` (none was trimmed, nor lost)."""
+        if after < self.since:
+            return False
+        info = await self.reader_client.xinfo_stream(self.key)
+        deleted = parse_id(info.get("max-deleted-entry-id") or info.get(b"max-deleted-entry-id") or b"0-0")
+        return after >= deleted
+
+    async def run(self) -> None:
+        """Read the log forever, reconnecting with jittered backoff (Rule 2)."""
+        backoff = BACKOFF_MIN_S
+        while True:
+            try:
+                await self._check_marker()
+                if self.failing is not None:
+                    log.info("broker reachable again; reading the log from %s", _fmt(self.position))
+                self.connected, self.failing = True, None
+                backoff = BACKOFF_MIN_S
+                await self._read_forever()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis down, restarting, unreachable
+                self.connected = False
+                if self.failing is None:
+                    self.reconnects += 1
+                    log.error("broker unreachable: %s (%s); reconnecting", exc, hide_password(self.url))
+                self.failing = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
+
+    async def _read_forever(self) -> None:
+        client = self.reader_client
+        while True:
+            got = await client.xread({self.key: _fmt(self.position)}, count=READ_COUNT, block=READ_BLOCK_MS)
+            if not got:
+                self.caught_up.set()
+                self.lag_s = 0.0
+                await self._check_marker()  # a Redis restarted in between answers too: is it the same log?
+                continue
+            entries = [(parse_id(i), fields) for i, fields in got[0][1]]
+            self.read += len(entries)
+            last = entries[-1][0]
+            self.lag_s = max(0.0, time.time() - last.epoch / 1000)
+            hub_last = self.hub.last_id()
+            fresh = [e for e in entries if e[0] > hub_last and e[1].get(b"n") != FLOOR_NAME.encode()]
+            self.skipped += sum(1 for e in entries if e[0] <= hub_last)
+            if fresh and self.apply is not None:
+                await self.apply(fresh)
+            self.position = last
+            if len(entries) < READ_COUNT:
+                self.caught_up.set()
+
+    async def _check_marker(self) -> None:
+        """Rule 3: the same log as before, still holding our position, or a counted gap."""
+        client = self.reader_client
+        token = secrets.token_hex(8)
+        if await client.set(self.marker_key, token, nx=True):
+            current = token
+        else:
+            raw = await client.get(self.marker_key)
+            current = raw.decode() if raw is not None else token
+        if self.marker is None:  # a node new to this log
+            self.marker = current
+            if self.position > EventId(0, 0) and not await self._holds_position():
+                await self._gap(f"the log no longer holds {_fmt(self.position)} (trimmed past it)")
+            elif self.on_change is not None:
+                await self.on_change()
+            return
+        if current != self.marker:
+            self.marker = current
+            await self._gap("the log was lost (its run marker changed: Redis restarted empty or was flushed)")
+        elif not await self._holds_position():
+            await self._gap(f"the log no longer holds {_fmt(self.position)} (trimmed past it, or went back)")
+
+    async def _holds_position(self) -> bool:
+        client = self.reader_client
+        if not await client.exists(self.key):
+            return self.position == EventId(0, 0)
+        info = await client.xinfo_stream(self.key)
+        deleted = parse_id(info.get("max-deleted-entry-id") or info.get(b"max-deleted-entry-id") or b"0-0")
+        last = parse_id(info.get("last-generated-id") or info.get(b"last-generated-id") or b"0-0")
+        return deleted <= self.position <= last
+
+    async def _gap(self, why: str) -> None:
+        self.gaps += 1
+        self.last_gap = why
+        log.error("broker: %s; streams from before get reset", why)
+        hub = self.hub
+        top = max(hub.last_id(), self.position)
+        floor = EventId(top.epoch, top.seq + 1)
+        try:  # the new log's ids start past every id this node issued
+            await self.reader_client.xadd(self.key, {"n": FLOOR_NAME}, id=_fmt(floor))
+        except Exception:  # noqa: BLE001 - another node raised it further already
+            pass
+        hub.epoch, hub.seq = top
+        hub.origin = floor
+        self.since = floor
+        self.position = EventId(0, 0)
+        if self.on_change is not None:
+            await self.on_change()
+        hub.close_all_streams(CloseReason.CATCH_UP)
+
+    # -- state ------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "url": hide_password(self.url),
+            "state": "connected" if self.connected else f"reconnecting: {self.failing}" if self.failing else "connecting",
+            "node": self.node,
+            "position": _fmt(self.position),
+            "lagSeconds": round(self.lag_s, 3),
+            "gaps": self.gaps,
+            **({"lastGap": self.last_gap} if self.last_gap else {}),
+        }
+
+    def metrics(self) -> list[tuple[str, str, str, float]]:
+        """(name, kind, help, value) for /metrics."""
+        return [
+            ("monkestream_broker_connected", "gauge", "1 while the log in Redis is being read.", int(self.connected)),
+            ("monkestream_broker_lag_seconds", "gauge", "Age of the last log entry read, when it was read.", self.lag_s),
+            ("monkestream_broker_gaps_total", "counter", "Times the log no longer held this node's position.", self.gaps),
+            ("monkestream_broker_reconnects_total", "counter", "Times Redis became unreachable.", self.reconnects),
+            ("monkestream_broker_appended_total", "counter", "Entries this node appended to the log.", self.appended),
+            ("monkestream_broker_read_total", "counter", "Log entries this node read.", self.read),
+            ("monkestream_broker_write_refusals_total", "counter", "Writes refused while Redis could not take them.",
+             self.write_refusals),
+            ("monkestream_broker_skipped_total", "counter", "Log entries not after this node's last id.", self.skipped),
+        ]
+
+    async def close(self) -> None:
+        for client in (self.writer, self.reader_client):
+            try:
+                await client.aclose()
+            except Exception:  # noqa: BLE001 - closing a connection to a dead Redis
+                pass
