@@ -100,6 +100,31 @@ def import_redis() -> Any:
     return aioredis
 
 
+def _field_id(info: dict[Any, Any], name: str) -> EventId:
+    raw = info.get(name, info.get(name.encode()))
+    if isinstance(raw, (list, tuple)):  # first-entry: (id, fields)
+        raw = raw[0] if raw else None
+    return parse_id(raw) if raw else EventId(0, 0)
+
+
+def _holds(info: dict[Any, Any], after: EventId) -> bool:
+    """Whether a stream (XINFO STREAM) still holds every entry after ``after``.
+
+    Trimming removes the oldest entries: when any was removed, only an id from
+    the first entry on is known to miss none (an older one may have lost some).
+    """
+    added = int(info.get("entries-added", info.get(b"entries-added", 0)) or 0)
+    length = int(info.get("length", info.get(b"length", 0)) or 0)
+    if after < _field_id(info, "max-deleted-entry-id"):
+        return False
+    if added <= length:
+        return True
+    first = _field_id(info, "recorded-first-entry-id")
+    if first == EventId(0, 0):
+        first = _field_id(info, "first-entry")
+    return after >= first
+
+
 class Broker:
     """The log in Redis: appends, range reads, the run marker, and the reader feeding this node.
 
@@ -184,9 +209,7 @@ class Broker:
         """Whether the log still holds every entry after ``after`` (none was trimmed, nor lost)."""
         if after < self.since:
             return False
-        info = await self.reader_client.xinfo_stream(self.key)
-        deleted = parse_id(info.get("max-deleted-entry-id") or info.get(b"max-deleted-entry-id") or b"0-0")
-        return after >= deleted
+        return _holds(await self.reader_client.xinfo_stream(self.key), after)
 
     async def run(self) -> None:
         """Read the log forever, reconnecting with jittered backoff (Rule 2)."""
@@ -259,9 +282,7 @@ class Broker:
         if not await client.exists(self.key):
             return self.position == EventId(0, 0)
         info = await client.xinfo_stream(self.key)
-        deleted = parse_id(info.get("max-deleted-entry-id") or info.get(b"max-deleted-entry-id") or b"0-0")
-        last = parse_id(info.get("last-generated-id") or info.get(b"last-generated-id") or b"0-0")
-        return deleted <= self.position <= last
+        return _holds(info, self.position) and self.position <= _field_id(info, "last-generated-id")
 
     async def _gap(self, why: str) -> None:
         self.gaps += 1
