@@ -119,10 +119,17 @@ def _holds(info: dict[Any, Any], after: EventId) -> bool:
         return False
     if added <= length:
         return True
+    return after >= _first_held(info)
+
+
+def _first_held(info: dict[Any, Any]) -> EventId:
+    """The id from which a stream holds every entry: its first, once any was trimmed (else 0-0)."""
+    added = int(info.get("entries-added", info.get(b"entries-added", 0)) or 0)
+    length = int(info.get("length", info.get(b"length", 0)) or 0)
+    if added <= length:
+        return EventId(0, 0)
     first = _field_id(info, "recorded-first-entry-id")
-    if first == EventId(0, 0):
-        first = _field_id(info, "first-entry")
-    return after >= first
+    return first if first != EventId(0, 0) else _field_id(info, "first-entry")
 
 
 class Broker:
@@ -268,8 +275,15 @@ class Broker:
             self.marker = current
             if self.position > EventId(0, 0) and not await self._holds_position():
                 await self._gap(f"the log no longer holds {_fmt(self.position)} (trimmed past it)")
-            elif self.on_change is not None:
-                await self.on_change()
+            else:
+                if self.position == EventId(0, 0) and await client.exists(self.key):
+                    # a new node holds the log from its first entry on: what was trimmed before is not its
+                    first = _first_held(await client.xinfo_stream(self.key))
+                    self.since = max(self.since, first)
+                    if self.hub.origin is None or self.hub.origin < first:
+                        self.hub.origin = first
+                if self.on_change is not None:
+                    await self.on_change()
             return
         if current != self.marker:
             self.marker = current

@@ -62,6 +62,22 @@ LOG_SCAN_MAX = 100_000        # log entries one resume reads at most
 WAIT_BACKPRESSURE_S = 0.05    # while SQLite is behind, the reader waits this long between checks
 LIVE_ONLY = frozenset({"user_joined", "user_left"})
 
+# Presence scripts (Rule 3), atomic in Redis. KEYS[1]: the room's set; ARGV: entry, expiry, now, "user|".
+_OTHERS = """
+local others = 0
+for _, e in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')) do
+  if e ~= ARGV[1] and string.sub(e, 1, #ARGV[4]) == ARGV[4] then others = others + 1 end
+end
+"""
+JOIN_SCRIPT = _OTHERS + "redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) return others"
+LEAVE_SCRIPT = _OTHERS + "redis.call('ZREM', KEYS[1], ARGV[1]) return others"
+# an expired entry removed: 1 when this call removed it and it was the user's last
+EXPIRE_SCRIPT = ("local score = redis.call('ZSCORE', KEYS[1], ARGV[1]) "
+                 "if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end "
+                 "redis.call('ZREM', KEYS[1], ARGV[1]) "
+                 "for _, e in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')) do "
+                 "if string.sub(e, 1, #ARGV[3]) == ARGV[3] then return 0 end end return 1")
+
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -400,20 +416,17 @@ class ClusterPresence:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _others(self, room: str, user: str) -> bool:
-        """Whether ``user`` has a live entry in ``room`` from another node."""
-        live = await self.broker.writer.zrangebyscore(self.key(room), _now_ms(), "+inf")
-        mine = self.entry(user).encode()
-        return any(e != mine and e.rpartition(b"|")[0] == user.encode() for e in live)
+    async def _change(self, script: str, room: str, user: str, expiry: float = 0) -> bool:
+        """Run a presence script atomically; whether the user has no other live entry in the room."""
+        others = await self.broker.writer.eval(script, 1, self.key(room), self.entry(user), int(expiry), _now_ms(),
+                                               user + "|")
+        return int(others) == 0
 
     async def _joined(self, room: str, user: str) -> None:
         try:
-            writer = self.broker.writer
-            await writer.sadd(self.rooms_key, room)
-            await writer.zadd(self.key(room), {self.entry(user): _now_ms() + PRESENCE_TTL_S * 1000})
-            if not await self._others(room, user):
-                await self.broker.append([{"t": room_topic(room), "n": "user_joined",
-                                           "d": dumps({"room": room, "user": user})}])
+            await self.broker.writer.sadd(self.rooms_key, room)
+            if await self._change(JOIN_SCRIPT, room, user, _now_ms() + PRESENCE_TTL_S * 1000):
+                await self._tell("user_joined", room, user)
         except Exception as exc:  # noqa: BLE001 - renewed, or swept, later
             log.debug("presence join not recorded: %s", exc)
 
@@ -421,12 +434,13 @@ class ClusterPresence:
         try:
             if user in self.local.get(room, {}):
                 return  # back already
-            await self.broker.writer.zrem(self.key(room), self.entry(user))
-            if not await self._others(room, user):
-                await self.broker.append([{"t": room_topic(room), "n": "user_left",
-                                           "d": dumps({"room": room, "user": user})}])
+            if await self._change(LEAVE_SCRIPT, room, user):
+                await self._tell("user_left", room, user)
         except Exception as exc:  # noqa: BLE001 - its entry expires instead
             log.debug("presence leave not recorded: %s", exc)
+
+    async def _tell(self, name: str, room: str, user: str) -> None:
+        await self.broker.append([{"t": room_topic(room), "n": name, "d": dumps({"room": room, "user": user})}])
 
     async def run(self) -> None:
         """Renew this node's entries, remove expired ones, refresh the cache; forever."""
@@ -457,12 +471,10 @@ class ClusterPresence:
             room = raw.decode()
             key = self.key(room)
             for expired in await writer.zrangebyscore(key, "-inf", now):
-                if await writer.zrem(key, expired):  # only one node removes it, and tells
-                    user = expired.rpartition(b"|")[0].decode()
-                    live = await writer.zrangebyscore(key, now, "+inf")
-                    if not any(e.rpartition(b"|")[0].decode() == user for e in live):
-                        await self.broker.append([{"t": room_topic(room), "n": "user_left",
-                                                   "d": dumps({"room": room, "user": user})}])
+                user = expired.rpartition(b"|")[0].decode()
+                gone = await writer.eval(EXPIRE_SCRIPT, 1, key, expired, now, user + "|")
+                if int(gone):  # only the node that removed it tells, and only if it was the user's last
+                    await self._tell("user_left", room, user)
             live = await writer.zrangebyscore(key, now, "+inf")
             users = {e.rpartition(b"|")[0].decode() for e in live}
             if users:
