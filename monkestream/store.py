@@ -401,7 +401,7 @@ class Store:
 
     def _log_state_sync(self) -> dict[str, str]:
         assert self._rconn is not None
-        rows = self._rconn.execute("SELECT key, value FROM meta WHERE key IN ('log_applied', 'log_since', 'log_marker')")
+        rows = self._rconn.execute("SELECT key, value FROM meta WHERE key IN ('log_applied', 'log_since', 'log_marker') LIMIT 3")
         return {key[len("log_"):]: str(value) for key, value in rows}
 
     async def set_log_state(self, **values: str) -> None:
