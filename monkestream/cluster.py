@@ -58,6 +58,7 @@ PRESENCE_TTL_S = 20.0         # an entry not renewed for this long is gone (its 
 PRESENCE_RENEW_S = 5.0        # how often a node renews its own entries
 PRESENCE_SWEEP_S = 2.0        # how often a node looks for expired entries
 APPLIED_WAIT_S = 3.0          # how long a write waits to be applied here, or a resume for its id
+PRESENCE_LEAVE_WAIT_S = 2.0   # a stopping node waits this long for its users' leaves to reach Redis
 LOG_SCAN_MAX = 100_000        # log entries one resume reads at most
 WAIT_BACKPRESSURE_S = 0.05    # while SQLite is behind, the reader waits this long between checks
 LIVE_ONLY = frozenset({"user_joined", "user_left"})
@@ -95,6 +96,7 @@ class Applier:
         self.presence = presence
         self.applied = EventId(0, 0)
         self.dropped = 0                 # entries a full topic budget kept off the hub
+        self.malformed = 0               # entries no node wrote
         self._waiters: list[tuple[EventId, asyncio.Future[None]]] = []
 
     async def apply(self, entries: list[Entry]) -> None:
@@ -135,6 +137,10 @@ class Applier:
                         publish(topic, name, data, json_text=text, event_id=event_id, keep=False)
             except TopicLimit:
                 self.dropped += 1
+            except (KeyError, ValueError, UnicodeDecodeError) as exc:  # not written by a node: skipped, said once
+                if not self.malformed:
+                    log.error("broker: log entry %s is not one of ours (%r); skipped", event_id, exc)
+                self.malformed += 1
             self.applied = event_id
         if prices:
             ingest.logged(prices)
@@ -634,6 +640,10 @@ class Node:
                        loop.create_task(self.presence.run(), name="presence")]
 
     async def stop(self) -> None:
+        """After the streams ended: their users leave (briefly waited for), then the reading stops."""
+        leaving = list(self.presence._tasks)
+        if leaving:
+            await asyncio.wait(leaving, timeout=PRESENCE_LEAVE_WAIT_S)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
