@@ -9,7 +9,8 @@ Rule 1: one log. Every accepted event is appended to one Redis Stream
         in the same order under the same ids, and ``Last-Event-ID`` means
         the same on every node.
 Rule 2: a write is answered only after Redis took it: a batch of entries is
-        one MULTI/EXEC pipeline, all or none. While Redis cannot be reached,
+        one MULTI/EXEC pipeline, all or none (the writes asked for while one
+        is in flight share the next). While Redis cannot be reached,
         writes raise ``Unavailable`` (503 with Retry-After) and the reader
         reconnects with jittered backoff, from the last id it read.
 Rule 3: a lost log is noticed, never a silent gap. The log has a run
@@ -165,7 +166,8 @@ class Broker:
         self.write_refusals = 0
         self.skipped = 0                  # entries at or below the hub's last id (after a lost log)
         self.lag_s = 0.0                  # age of the last entry read when it was read
-        self.caught_up = asyncio.Event()
+        self._queued: list[tuple[list[dict[str, str]], asyncio.Future[list[EventId]]]] = []
+        self._appender: asyncio.Task[None] | None = None
         self.on_change: Callable[[], Awaitable[None]] | None = None   # persists marker and since
 
     # -- writing (Rule 2) -------------------------------------------------------
@@ -177,22 +179,46 @@ class Broker:
         return {"minid": str(int((time.time() - self.max_age_s) * 1000)), "approximate": True}
 
     async def append(self, entries: list[dict[str, str]]) -> list[EventId]:
-        """Append entries, all or none, in one MULTI/EXEC; their ids. Unavailable while Redis cannot take them."""
+        """Append entries, all or none; their ids. Unavailable while Redis cannot take them.
+
+        The appends asked for while one pipeline is in flight go together in the
+        next: one MULTI/EXEC, one round trip, and the readers get them in one
+        read, so a busy node publishes them in one flush.
+        """
         if not entries:
             return []
-        trim = self._trim()
-        try:
-            if len(entries) == 1:
-                ids = [await self.writer.xadd(self.key, entries[0], **trim)]
-            else:
-                async with self.writer.pipeline(transaction=True) as pipe:
-                    for fields in entries:
-                        pipe.xadd(self.key, fields, **trim)
-                    ids = await pipe.execute()
-        except Exception as exc:  # noqa: BLE001 - any failure of Redis is a refusal, never a lost ack
-            raise self._refused(exc) from None
-        self.appended += len(ids)
-        return [parse_id(i) for i in ids]
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[EventId]] = loop.create_future()
+        self._queued.append((entries, future))
+        if self._appender is None or self._appender.done():
+            self._appender = loop.create_task(self._append_queued(), name="broker-append")
+        return await future
+
+    async def _append_queued(self) -> None:
+        while self._queued:
+            batch, self._queued = self._queued, []
+            entries = [fields for group, _future in batch for fields in group]
+            trim = self._trim()
+            try:
+                if len(entries) == 1:
+                    raw = [await self.writer.xadd(self.key, entries[0], **trim)]
+                else:
+                    async with self.writer.pipeline(transaction=True) as pipe:
+                        for fields in entries:
+                            pipe.xadd(self.key, fields, **trim)
+                        raw = await pipe.execute()
+            except Exception as exc:  # noqa: BLE001 - any failure of Redis is a refusal, never a lost ack
+                for _group, future in batch:
+                    if not future.done():
+                        future.set_exception(self._refused(exc))
+                continue
+            self.appended += len(raw)
+            ids = [parse_id(i) for i in raw]
+            start = 0
+            for group, future in batch:
+                if not future.done():
+                    future.set_result(ids[start:start + len(group)])
+                start += len(group)
 
     def _refused(self, exc: BaseException) -> Unavailable:
         self.write_refusals += 1
@@ -245,7 +271,6 @@ class Broker:
         while True:
             got = await client.xread({self.key: _fmt(self.position)}, count=READ_COUNT, block=READ_BLOCK_MS)
             if not got:
-                self.caught_up.set()
                 self.lag_s = 0.0
                 await self._check_marker()  # a Redis restarted in between answers too: is it the same log?
                 continue
@@ -259,8 +284,6 @@ class Broker:
             if fresh and self.apply is not None:
                 await self.apply(fresh)
             self.position = last
-            if len(entries) < READ_COUNT:
-                self.caught_up.set()
 
     async def _check_marker(self) -> None:
         """Rule 3: the same log as before, still holding our position, or a counted gap."""
