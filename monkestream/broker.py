@@ -27,6 +27,7 @@ Rule 4: Redis trims the log as it appends (``MAXLEN ~`` or ``MINID ~``, by
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import re
@@ -80,6 +81,18 @@ def check_url(url: str) -> None:
 def hide_password(url: str) -> str:
     """The URL as it may be logged: a password replaced by ``***``."""
     return re.sub(r"(://[^:@/]*:)[^@/]*@", r"\1***@", url)
+
+
+_new_id: Callable[[tuple[int, int]], EventId] = functools.partial(tuple.__new__, EventId)  # type: ignore[assignment]
+
+
+def _rows(reply: Any) -> list[Any]:
+    """The entries of one stream's XREAD reply, as Redis sent them (RESP2 or RESP3): [id, [field, value, ...]]."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return next(iter(reply.values()))
+    return reply[0][1]
 
 
 def parse_id(raw: bytes | str) -> EventId:
@@ -151,6 +164,7 @@ class Broker:
         common = dict(socket_connect_timeout=2, health_check_interval=0)
         self.writer = aioredis.from_url(url, socket_timeout=WRITE_TIMEOUT_S, **common)
         self.reader_client = aioredis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 5, **common)
+        self.reader_client.set_response_callback("XREAD", lambda reply, **options: reply)  # parsed by _rows
         self.node = secrets.token_hex(4)
         self.apply: Callable[[list[Entry]], Awaitable[None]] | None = None
         self.position = EventId(0, 0)     # the last entry read
@@ -197,16 +211,9 @@ class Broker:
     async def _append_queued(self) -> None:
         while self._queued:
             batch, self._queued = self._queued, []
-            entries = [fields for group, _future in batch for fields in group]
-            trim = self._trim()
+            count = sum(len(group) for group, _future in batch)
             try:
-                if len(entries) == 1:
-                    raw = [await self.writer.xadd(self.key, entries[0], **trim)]
-                else:
-                    async with self.writer.pipeline(transaction=True) as pipe:
-                        for fields in entries:
-                            pipe.xadd(self.key, fields, **trim)
-                        raw = await pipe.execute()
+                raw = await self._multi_exec(self._packed(batch), count)
             except Exception as exc:  # noqa: BLE001 - any failure of Redis is a refusal, never a lost ack
                 for _group, future in batch:
                     if not future.done():
@@ -219,6 +226,53 @@ class Broker:
                 if not future.done():
                     future.set_result(ids[start:start + len(group)])
                 start += len(group)
+
+    def _packed(self, batch: list[tuple[list[dict[str, str]], Any]]) -> bytes:
+        """MULTI, one XADD per entry, EXEC, in the Redis protocol: packed here, in one pass, for bulk's sake."""
+        trim = self._trim()
+        if "maxlen" in trim:
+            head_args = [b"XADD", self.key.encode(), b"MAXLEN", b"~", str(trim["maxlen"]).encode(), b"*"]
+        else:
+            head_args = [b"XADD", self.key.encode(), b"MINID", b"~", trim["minid"].encode(), b"*"]
+        head = b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in head_args)
+        parts = [b"*1\r\n$5\r\nMULTI\r\n"]
+        add = parts.append
+        for group, _future in batch:
+            for fields in group:
+                add(b"*%d\r\n" % (len(head_args) + 2 * len(fields)))
+                add(head)
+                for name, value in fields.items():
+                    data = value.encode()
+                    add(b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(name), name.encode(), len(data), data))
+        add(b"*1\r\n$4\r\nEXEC\r\n")
+        return b"".join(parts)
+
+    async def _multi_exec(self, payload: bytes, count: int) -> list[bytes]:
+        """Send a packed MULTI/EXEC of ``count`` commands on one pooled connection; EXEC's replies."""
+        pool = self.writer.connection_pool
+        conn = await pool.get_connection()
+        try:
+            return await asyncio.wait_for(self._exchange(conn, payload, count), WRITE_TIMEOUT_S)
+        except BaseException:
+            await conn.disconnect()  # replies may be left unread on it
+            raise
+        finally:
+            await pool.release(conn)
+
+    @staticmethod
+    async def _exchange(conn: Any, payload: bytes, count: int) -> list[bytes]:
+        await conn.send_packed_command(payload, check_health=False)
+        # MULTI's OK and a QUEUED per command: read by the parser itself, without the per-reply
+        # timer of read_response (the whole exchange has one, in _multi_exec)
+        read = getattr(conn, "_parser", conn).read_response
+        for _ in range(count + 1):
+            reply = await read()
+            if isinstance(reply, Exception):
+                raise reply
+        replies = await conn.read_response()
+        if not isinstance(replies, list) or len(replies) != count:
+            raise RuntimeError(f"EXEC answered {replies!r}")
+        return replies
 
     def _refused(self, exc: BaseException) -> Unavailable:
         self.write_refusals += 1
@@ -268,21 +322,33 @@ class Broker:
 
     async def _read_forever(self) -> None:
         client = self.reader_client
+        floor = FLOOR_NAME.encode()
+        new_id = _new_id
         while True:
-            got = await client.xread({self.key: _fmt(self.position)}, count=READ_COUNT, block=READ_BLOCK_MS)
-            if not got:
+            got = await client.execute_command("XREAD", "COUNT", READ_COUNT, "BLOCK", READ_BLOCK_MS,
+                                               "STREAMS", self.key, _fmt(self.position))
+            rows = _rows(got)
+            if not rows:
                 self.lag_s = 0.0
                 await self._check_marker()  # a Redis restarted in between answers too: is it the same log?
                 continue
-            entries = [(parse_id(i), fields) for i, fields in got[0][1]]
-            self.read += len(entries)
-            last = entries[-1][0]
-            self.lag_s = max(0.0, time.time() - last.epoch / 1000)
+            self.read += len(rows)
             hub_last = self.hub.last_id()
-            fresh = [e for e in entries if e[0] > hub_last and e[1].get(b"n") != FLOOR_NAME.encode()]
-            self.skipped += sum(1 for e in entries if e[0] <= hub_last)
-            if fresh and self.apply is not None:
-                await self.apply(fresh)
+            entries: list[Entry] = []
+            for raw_id, flat in rows:
+                ms, _, seq = raw_id.partition(b"-")
+                event_id = new_id((int(ms), int(seq)))
+                if event_id <= hub_last:
+                    self.skipped += 1
+                    continue
+                pairs = iter(flat)
+                fields = dict(zip(pairs, pairs))
+                if fields.get(b"n") != floor:
+                    entries.append((event_id, fields))
+            last = parse_id(rows[-1][0])
+            self.lag_s = max(0.0, time.time() - last.epoch / 1000)
+            if entries and self.apply is not None:
+                await self.apply(entries)
             self.position = last
 
     async def _check_marker(self) -> None:

@@ -49,7 +49,7 @@ from .replay import MIN_FRAME_BYTES, MIN_ROWS_PER_SYMBOL, Replayer, Stored
 from .routing import Exchange, HTTPError, Response, json_response
 from .sse import EventId, encode_event
 from .store import Comment, Store
-from .ticker import InvalidTicker, Ticker, parse_ticker, parse_tickers, ticker_topic
+from .ticker import InvalidTicker, Ticker, _new_ticker, parse_ticker, parse_tickers, ticker_topic
 from .tickers import TickerRoutes, array
 
 log = logging.getLogger("monkestream")
@@ -106,16 +106,17 @@ class Applier:
         hub, charts = self.hub, self.charts
         publish = hub.publish
         prices: list[Event] = []
+        note_latest = charts.note_latest
         for event_id, fields in entries:
-            name = fields[b"n"].decode()
-            topic = fields[b"t"].decode()
-            text = fields[b"d"].decode()
             try:
+                name = fields[b"n"].decode()
+                topic = fields[b"t"].decode()
+                text = fields[b"d"].decode()
                 if name == "price_update":
                     symbol, price, currency, created = fields[b"p"].decode().split("\t")
-                    ticker = Ticker(symbol, price, currency, int(created))
+                    ticker = _new_ticker((symbol, price, currency, int(created)))
                     prices.append(publish(topic, name, ticker, json_text=text, event_id=event_id))
-                    charts.note_latest(ticker)
+                    note_latest(ticker)
                 elif name == "symbol_added":
                     symbol, price, currency, created = fields[b"p"].decode().split("\t")
                     if symbol not in charts.latest and topic in hub.topics:
