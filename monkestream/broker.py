@@ -55,6 +55,14 @@ UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 PACKAGE_HINT = "pip install 'monkestream[redis]'"
 
 Entry = tuple[EventId, dict[bytes, bytes]]
+Fields = dict[str, str] | bytes   # an entry to append: its fields, or packed_fields()
+
+
+def packed_fields(topic: str, name: str, data: str, extra: str) -> bytes:
+    """The fields t, n, d, p of an entry, already in the Redis protocol (a bulk's prices are packed once)."""
+    t, n, d, p = topic.encode(), name.encode(), data.encode(), extra.encode()
+    return (b"$1\r\nt\r\n$%d\r\n%s\r\n$1\r\nn\r\n$%d\r\n%s\r\n$1\r\nd\r\n$%d\r\n%s\r\n$1\r\np\r\n$%d\r\n%s\r\n"
+            % (len(t), t, len(n), n, len(d), d, len(p), p))
 
 
 def parse_retention(text: str) -> tuple[int, float]:
@@ -162,7 +170,12 @@ class Broker:
         self.marker_key = prefix + "run"
         self.max_events, self.max_age_s = parse_retention(retention)
         common = dict(socket_connect_timeout=2, health_check_interval=0)
-        self.writer = aioredis.from_url(url, socket_timeout=WRITE_TIMEOUT_S, **common)
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as LostConnection
+        # a pooled connection Redis closed when it restarted is opened again once, not refused
+        self.writer = aioredis.from_url(url, socket_timeout=WRITE_TIMEOUT_S, retry=Retry(NoBackoff(), 1),
+                                        retry_on_error=[LostConnection], **common)
         self.reader_client = aioredis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 5, **common)
         self.reader_client.set_response_callback("XREAD", lambda reply, **options: reply)  # parsed by _rows
         self.node = secrets.token_hex(4)
@@ -180,7 +193,7 @@ class Broker:
         self.write_refusals = 0
         self.skipped = 0                  # entries at or below the hub's last id (after a lost log)
         self.lag_s = 0.0                  # age of the last entry read when it was read
-        self._queued: list[tuple[list[dict[str, str]], asyncio.Future[list[EventId]]]] = []
+        self._queued: list[tuple[list[Fields], asyncio.Future[list[bytes]]]] = []
         self._appender: asyncio.Task[None] | None = None
         self.on_change: Callable[[], Awaitable[None]] | None = None   # persists marker and since
 
@@ -192,8 +205,10 @@ class Broker:
             return {"maxlen": self.max_events, "approximate": True}
         return {"minid": str(int((time.time() - self.max_age_s) * 1000)), "approximate": True}
 
-    async def append(self, entries: list[dict[str, str]]) -> list[EventId]:
-        """Append entries, all or none; their ids. Unavailable while Redis cannot take them.
+    async def append(self, entries: list[Fields]) -> list[bytes]:
+        """Append entries, all or none; their ids as Redis gave them (``parse_id``). Unavailable while Redis cannot take them.
+
+        An entry is a dict of fields, or fields already in the protocol (``packed_fields``).
 
         The appends asked for while one pipeline is in flight go together in the
         next: one MULTI/EXEC, one round trip, and the readers get them in one
@@ -202,7 +217,7 @@ class Broker:
         if not entries:
             return []
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[EventId]] = loop.create_future()
+        future: asyncio.Future[list[bytes]] = loop.create_future()
         self._queued.append((entries, future))
         if self._appender is None or self._appender.done():
             self._appender = loop.create_task(self._append_queued(), name="broker-append")
@@ -218,16 +233,19 @@ class Broker:
                 for _group, future in batch:
                     if not future.done():
                         future.set_exception(self._refused(exc))
+                try:  # the idle connections may be as dead as this one: the next append opens a fresh one
+                    await self.writer.connection_pool.disconnect(inuse_connections=False)
+                except Exception:  # noqa: BLE001
+                    pass
                 continue
             self.appended += len(raw)
-            ids = [parse_id(i) for i in raw]
             start = 0
             for group, future in batch:
                 if not future.done():
-                    future.set_result(ids[start:start + len(group)])
+                    future.set_result(raw[start:start + len(group)])
                 start += len(group)
 
-    def _packed(self, batch: list[tuple[list[dict[str, str]], Any]]) -> bytes:
+    def _packed(self, batch: list[tuple[list[Fields], Any]]) -> bytes:
         """MULTI, one XADD per entry, EXEC, in the Redis protocol: packed here, in one pass, for bulk's sake."""
         trim = self._trim()
         if "maxlen" in trim:
@@ -239,9 +257,14 @@ class Broker:
         add = parts.append
         for group, _future in batch:
             for fields in group:
+                if type(fields) is bytes:  # packed_fields: four fields
+                    add(b"*%d\r\n" % (len(head_args) + 8))
+                    add(head)
+                    add(fields)
+                    continue
                 add(b"*%d\r\n" % (len(head_args) + 2 * len(fields)))
                 add(head)
-                for name, value in fields.items():
+                for name, value in fields.items():  # type: ignore[union-attr]
                     data = value.encode()
                     add(b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(name), name.encode(), len(data), data))
         add(b"*1\r\n$4\r\nEXEC\r\n")

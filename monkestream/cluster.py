@@ -15,7 +15,9 @@ Rule 2: resume anywhere. A stream resuming after id A is owed every event of
         from SQLite while this node's SQLite holds the log continuously from
         A, then the ring; else a ``reset``. An id ahead of this node's reader
         (its events were read by another node first) is waited for briefly.
-Rule 3: chat is cluster-wide. A comment's id comes from one Redis counter;
+Rule 3: chat is cluster-wide. A comment's id comes from one Redis counter
+        (raised past the largest id the posting node holds, should Redis
+        have come back empty);
         the comment rate is counted per client in Redis, in windows of
         ``burst / rate`` seconds. Presence is a sorted set per room of
         ``user|node`` entries that expire ``PRESENCE_TTL_S`` after their
@@ -37,7 +39,7 @@ import time
 from typing import Any, Callable
 
 from . import params
-from .broker import Broker, Entry
+from .broker import Broker, Entry, packed_fields, parse_id
 from .charts import ChartCache
 from .chat import Chat, Membership, _key_hash, parse_room, parse_text, parse_user, room_topic
 from .config import Config
@@ -63,6 +65,10 @@ LOG_SCAN_MAX = 100_000        # log entries one resume reads at most
 WAIT_BACKPRESSURE_S = 0.05    # while SQLite is behind, the reader waits this long between checks
 LIVE_ONLY = frozenset({"user_joined", "user_left"})
 
+# The next comment id: never one this node has seen, even from a Redis that came back empty (Rule 3)
+NEXT_ID_SCRIPT = ("local id = redis.call('INCR', KEYS[1]) "
+                  "if id <= tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) id = redis.call('INCR', KEYS[1]) end "
+                  "return id")
 # Presence scripts (Rule 3), atomic in Redis. KEYS[1]: the room's set; ARGV: entry, expiry, now, "user|".
 _OTHERS = """
 local others = 0
@@ -97,6 +103,7 @@ class Applier:
         self.applied = EventId(0, 0)
         self.dropped = 0                 # entries a full topic budget kept off the hub
         self.malformed = 0               # entries no node wrote
+        self.max_comment_id = 0          # the largest comment id this node holds
         self._waiters: list[tuple[EventId, asyncio.Future[None]]] = []
 
     async def apply(self, entries: list[Entry]) -> None:
@@ -126,6 +133,7 @@ class Applier:
                     data = json.loads(text)
                     comment = Comment(data["id"], data["room"], data["user"], data["text"], data["createdAt"])
                     await self._stored(self.store.put_comment(comment, fields[b"k"].decode()))
+                    self.max_comment_id = max(self.max_comment_id, comment.id)
                     publish(topic, name, data, json_text=text, event_id=event_id)
                 elif name == "comment_deleted":
                     data = json.loads(text)
@@ -179,9 +187,8 @@ class Applier:
         return True
 
 
-def _ticker_entry(topic: str, name: str, ticker: Ticker, text: str) -> dict[str, str]:
-    return {"t": topic, "n": name, "d": text,
-            "p": f"{ticker.symbol}\t{ticker.price}\t{ticker.currency}\t{ticker.created_at}"}
+def _ticker_entry(topic: str, name: str, ticker: Ticker, text: str) -> bytes:
+    return packed_fields(topic, name, text, f"{ticker.symbol}\t{ticker.price}\t{ticker.currency}\t{ticker.created_at}")
 
 
 class LogIngest(Ingest):
@@ -560,10 +567,12 @@ class ClusterChat(Chat):
         self.hub.release([topic])
         await self._allow(ex.client)
         key = secrets.token_urlsafe(18)
-        comment_id = int(await self.broker.call(self.broker.writer.incr, self.broker.prefix + "comment_id"))
+        comment_id = int(await self.broker.call(self.broker.writer.eval, NEXT_ID_SCRIPT, 1,
+                                                self.broker.prefix + "comment_id", self.applier.max_comment_id))
         comment = Comment(comment_id, room, user, text, int(time.time()))
-        [event_id] = await self.broker.append([{"t": topic, "n": "comment_posted", "d": dumps(comment.to_dict()),
-                                                "k": _key_hash(key)}])
+        [raw_id] = await self.broker.append([{"t": topic, "n": "comment_posted", "d": dumps(comment.to_dict()),
+                                              "k": _key_hash(key)}])
+        event_id = parse_id(raw_id)
         self.comments_posted += 1
         await self.applier.wait(event_id)  # so that this node's GET sees it at once
         return json_response({**comment.to_dict(), "deleteKey": key}, 201)
@@ -585,8 +594,9 @@ class ClusterChat(Chat):
             import hmac
             if not hmac.compare_digest(_key_hash(key), stored):
                 raise HTTPError(403, "the deletion key does not match")
-        [event_id] = await self.broker.append([{"t": room_topic(room), "n": "comment_deleted",
-                                                "d": dumps({"id": comment_id, "room": room})}])
+        [raw_id] = await self.broker.append([{"t": room_topic(room), "n": "comment_deleted",
+                                              "d": dumps({"id": comment_id, "room": room})}])
+        event_id = parse_id(raw_id)
         self.comments_deleted += 1
         await self.applier.wait(event_id)
         return Response(204)
@@ -632,6 +642,7 @@ class Node:
         hub.origin = broker.position
         assert self.applier is not None
         self.applier.applied = broker.position
+        self.applier.max_comment_id = await store.max_comment_id()
 
         async def remember() -> None:
             await store.set_log_state(marker=broker.marker or "", since=_fmt(broker.since))

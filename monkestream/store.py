@@ -444,6 +444,14 @@ class Store:
                     pass
             raise
 
+    async def max_comment_id(self) -> int:
+        """The largest comment id stored (0 with none)."""
+        return await self._read(self._max_comment_id_sync)
+
+    def _max_comment_id_sync(self) -> int:
+        assert self._rconn is not None
+        return int(self._rconn.execute("SELECT COALESCE(MAX(id), 0) FROM comments").fetchone()[0])
+
     async def put_comment(self, comment: Comment, delete_key: str) -> None:
         """Store a comment read from the log under its own id (again is a no-op)."""
         await self._write(self._put_comment_sync, comment, delete_key)

@@ -7,6 +7,7 @@ installs it) on an ephemeral port in its temporary folder, and two or three
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -136,7 +137,6 @@ def prices(client: SSEClient) -> list[tuple[str, str]]:
 
 
 def health(node: ServerProcess) -> dict[str, Any]:
-    import json
     return json.loads(request(node.port, "GET", "/healthz")[2])
 
 
@@ -169,7 +169,6 @@ def test_broker_rule_1_a_price_posted_to_one_node_reaches_every_node_with_the_sa
 def test_broker_rule_1_history_and_symbols_are_answered_by_every_node(cluster):
     a, b = cluster.node("a"), cluster.node("b")
     assert bulk(a, [("ETH", str(1000 + i)) for i in range(20)]) == 201
-    import json
 
     def history(node: ServerProcess) -> list[Any]:
         return json.loads(request(node.port, "GET", "/ticker/ETH/history?limit=100")[2])["tickers"]
@@ -225,6 +224,9 @@ def test_broker_rule_2_a_bulk_is_one_transaction_all_or_none(cluster, redis_serv
 
 def test_broker_rule_3_a_redis_restarted_empty_gives_streams_a_reset(cluster, redis_server):
     a, b = cluster.node("a"), cluster.node("b")
+    status, _, body = request(a.port, "POST", "/room/lobby/comments", {"user": "ann", "text": "before"})
+    assert status == 201
+    before = json.loads(body)["id"]
     with SSEClient(b.port, "/ticker/DOGE/event") as stream:
         for i in range(3):
             assert price(a, "DOGE", f"0.{i + 1}")[0] == 201
@@ -243,6 +245,13 @@ def test_broker_rule_3_a_redis_restarted_empty_gives_streams_a_reset(cluster, re
         assert resumed.events[0].type == "reset"
         assert [e.data.split('"price":')[1].split(",")[0] for e in resumed.events if e.type == "price_update"] == ["0.7"]
         assert resumed.events[-1].last_event_id > last
+    # the comment counter started again with Redis: a new comment still gets a new id
+    status, _, body = request(b.port, "POST", "/room/lobby/comments", {"user": "bob", "text": "after"})
+    assert status == 201 and json.loads(body)["id"] > before
+    def listed() -> list[tuple[int, str]]:
+        return [(c["id"], c["text"]) for c in json.loads(request(a.port, "GET", "/room/lobby/comments")[2])["comments"]]
+    wait_until(lambda: len(listed()) == 2, what="both comments on a")
+    assert listed() == [(before, "before"), (json.loads(body)["id"], "after")]
 
 
 # -- broker Rule 4: the log is trimmed to its retention ----------------------------------------
