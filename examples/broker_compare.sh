@@ -5,7 +5,8 @@
 #   sat      1,000 streams saturated (closed loop): deliveries per server CPU-second;
 #   rate:50  1,000 streams, 50 events/s: latency percentiles. With the broker the
 #            events are posted to a second node and the streams are on the first.
-# and Redis's CPU per delivered event. Then, unless BULK=0, 1,000,000 tickers posted in
+# and Redis's CPU per delivered event. KINDS="rate" runs one kind; PUB_CPU=0 puts the
+# publishing node on the server's CPU instead of the load's; REDIS_CPU=0 does the same for Redis. Then, unless BULK=0, 1,000,000 tickers posted in
 # bulk through a broker node (examples/bulk_ingest.py --broker): rate end to end, lost.
 #
 #   examples/broker_compare.sh ROUNDS BENCH_KIT [CLIENTS]
@@ -45,7 +46,7 @@ one() {  # one measurement: MODE (single|broker) KIND (sat|rate) ROUND
   p1=$(port); pub=$p1
   if [ "$mode" = broker ]; then
     rport=$(port)
-    taskset -c 1 redis-server --port "$rport" --bind 127.0.0.1 --dir "$d" --save '' --appendonly no >/dev/null 2>&1 &
+    taskset -c "${REDIS_CPU:-1}" redis-server --port "$rport" --bind 127.0.0.1 --dir "$d" --save '' --appendonly no >/dev/null 2>&1 &
     rpid=$!
     until redis-cli -p "$rport" ping >/dev/null 2>&1; do sleep 0.05; done
     args=(--broker "redis://127.0.0.1:$rport/0")
@@ -54,7 +55,7 @@ one() {  # one measurement: MODE (single|broker) KIND (sat|rate) ROUND
   n1=$!
   if [ "$mode" = broker ] && [ "$kind" = rate ]; then
     p2=$(port); pub=$p2
-    (cd "$here" && exec taskset -c 1 python3 -m monkestream --port "$p2" --no-demo --db "$d/b.db" "${args[@]}") >"$d/b.log" 2>&1 &
+    (cd "$here" && exec taskset -c "${PUB_CPU:-1}" python3 -m monkestream --port "$p2" --no-demo --db "$d/b.db" "${args[@]}") >"$d/b.log" 2>&1 &
     n2=$!
   fi
   until grep -q listening "$d/a.log" 2>/dev/null && { [ -z "$n2" ] || grep -q listening "$d/b.log"; }; do sleep 0.05; done
@@ -74,7 +75,7 @@ one() {  # one measurement: MODE (single|broker) KIND (sat|rate) ROUND
 }
 
 for r in $(seq "$rounds"); do
-  for kind in sat rate; do
+  for kind in ${KINDS:-sat rate}; do
     one single "$kind" "$r"
     one broker "$kind" "$r"
   done
@@ -94,15 +95,17 @@ for d in rows:
           f"  p50 {r.get('lat_p50_us', 0) / 1000:6.1f} ms  p99 {r.get('lat_p99_us', 0) / 1000:6.1f} ms"
           f"  missing {r.get('missing_total')} dup {r.get('dup_total')} ooo {r.get('ooo_total')}"
           f"  redis CPU {d['redis_cpu_s']:.2f} s")
-sat = [b["r"]["deliveries_per_server_cpu_s"] / s["r"]["deliveries_per_server_cpu_s"]
-       for s, b in zip(fig[("sat", "single")], fig[("sat", "broker")])]
-p99 = [b["r"]["lat_p99_us"] / s["r"]["lat_p99_us"] for s, b in zip(fig[("rate", "single")], fig[("rate", "broker")])]
-print(f"fan-out, broker / single deliveries per server CPU-s: median {statistics.median(sat):.2f}x"
-      f" (rounds {' '.join(f'{x:.2f}' for x in sat)})")
-print(f"latency p99, broker (publish on another node) / single: median {statistics.median(p99):.2f}x"
-      f" (rounds {' '.join(f'{x:.2f}' for x in p99)}); p99 single {med('rate', 'single', 'lat_p99_us') / 1000:.1f} ms,"
-      f" broker {med('rate', 'broker', 'lat_p99_us') / 1000:.1f} ms")
-for kind in ("sat", "rate"):
+if ("sat", "broker") in fig:
+    sat = [b["r"]["deliveries_per_server_cpu_s"] / s["r"]["deliveries_per_server_cpu_s"]
+           for s, b in zip(fig[("sat", "single")], fig[("sat", "broker")])]
+    print(f"fan-out, broker / single deliveries per server CPU-s: median {statistics.median(sat):.2f}x"
+          f" (rounds {' '.join(f'{x:.2f}' for x in sat)})")
+if ("rate", "broker") in fig:
+    p99 = [b["r"]["lat_p99_us"] / s["r"]["lat_p99_us"] for s, b in zip(fig[("rate", "single")], fig[("rate", "broker")])]
+    print(f"latency p99, broker (publish on another node) / single: median {statistics.median(p99):.2f}x"
+          f" (rounds {' '.join(f'{x:.2f}' for x in p99)}); p99 single {med('rate', 'single', 'lat_p99_us') / 1000:.1f} ms,"
+          f" broker {med('rate', 'broker', 'lat_p99_us') / 1000:.1f} ms")
+for kind in sorted({k for k, _m in fig}):
     per = [d["redis_cpu_s"] / max(1, d["r"]["events_total"]) * 1e6 for d in fig[(kind, "broker")]]
     deliveries = [d["redis_cpu_s"] / max(1, d["r"]["deliveries_total"]) * 1e9 for d in fig[(kind, "broker")]]
     print(f"Redis CPU ({kind}): median {statistics.median(per):.1f} us per event published,"

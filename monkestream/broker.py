@@ -275,7 +275,8 @@ class Broker:
         pool = self.writer.connection_pool
         conn = await pool.get_connection()
         try:
-            return await asyncio.wait_for(self._exchange(conn, payload, count), WRITE_TIMEOUT_S)
+            async with asyncio.timeout(WRITE_TIMEOUT_S):  # in this task: no task of its own, no extra loop turn
+                return await self._exchange(conn, payload, count)
         except BaseException:
             await conn.disconnect()  # replies may be left unread on it
             raise
