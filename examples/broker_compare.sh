@@ -5,9 +5,10 @@
 #   sat      1,000 streams saturated (closed loop): deliveries per server CPU-second;
 #   rate:50  1,000 streams, 50 events/s: latency percentiles. With the broker the
 #            events are posted to a second node and the streams are on the first.
-# and Redis's CPU per delivered event. KINDS="rate" runs one kind; PUB_CPU=0 puts the
-# publishing node on the server's CPU instead of the load's; REDIS_CPU=0 does the same for Redis. Then, unless BULK=0, 1,000,000 tickers posted in
+# and Redis's CPU per delivered event. Then, unless BULK=0, 1,000,000 tickers posted in
 # bulk through a broker node (examples/bulk_ingest.py --broker): rate end to end, lost.
+# KINDS="rate" runs one kind; PUB_CPU=0 puts the publishing node on the server's CPU
+# instead of the load's, REDIS_CPU=0 Redis.
 #
 #   examples/broker_compare.sh ROUNDS BENCH_KIT [CLIENTS]
 #   e.g. cp -r ../shared/bench /tmp/bench && examples/broker_compare.sh 5 /tmp/bench
