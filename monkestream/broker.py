@@ -274,13 +274,27 @@ class Broker:
         """Send a packed MULTI/EXEC of ``count`` commands on one pooled connection; EXEC's replies."""
         pool = self.writer.connection_pool
         conn = await pool.get_connection()
+        task = asyncio.current_task()
+        assert task is not None
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            task.cancel()
+        timer = self.hub.scheduler.call_later(WRITE_TIMEOUT_S, expire)  # in this task: no extra loop turn
         try:
-            async with asyncio.timeout(WRITE_TIMEOUT_S):  # in this task: no task of its own, no extra loop turn
-                return await self._exchange(conn, payload, count)
-        except BaseException:
+            return await self._exchange(conn, payload, count)
+        except asyncio.CancelledError:
             await conn.disconnect()  # replies may be left unread on it
+            if expired:
+                task.uncancel()
+                raise TimeoutError(f"Redis did not answer within {WRITE_TIMEOUT_S} s") from None
+            raise
+        except BaseException:
+            await conn.disconnect()
             raise
         finally:
+            timer.cancel()
             await pool.release(conn)
 
     @staticmethod
@@ -341,7 +355,7 @@ class Broker:
                     self.reconnects += 1
                     log.error("broker unreachable: %s (%s); reconnecting", exc, hide_password(self.url))
                 self.failing = f"{type(exc).__name__}: {exc}"
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                await self.hub.scheduler.sleep(backoff * random.uniform(0.5, 1.5))
                 backoff = min(BACKOFF_MAX_S, backoff * 2)
 
     async def _read_forever(self) -> None:

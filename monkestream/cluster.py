@@ -104,12 +104,12 @@ class Applier:
         self.dropped = 0                 # entries a full topic budget kept off the hub
         self.malformed = 0               # entries no node wrote
         self.max_comment_id = 0          # the largest comment id this node holds
-        self._waiters: list[tuple[EventId, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[EventId, asyncio.Future[bool]]] = []
 
     async def apply(self, entries: list[Entry]) -> None:
         ingest = self.ingest
         while ingest.unpersisted and ingest.unpersisted + len(entries) > MAX_UNPERSISTED:
-            await asyncio.sleep(WAIT_BACKPRESSURE_S)  # SQLite is behind: the log waits, memory does not grow
+            await self.hub.scheduler.sleep(WAIT_BACKPRESSURE_S)  # SQLite is behind: the log waits, memory does not grow
         hub, charts = self.hub, self.charts
         publish = hub.publish
         prices: list[Event] = []
@@ -161,7 +161,7 @@ class Applier:
             try:
                 return await write
             except Unavailable:
-                await asyncio.sleep(1.0)
+                await self.hub.scheduler.sleep(1.0)
 
     def _wake(self) -> None:
         applied = self.applied
@@ -169,8 +169,8 @@ class Applier:
         for event_id, future in self._waiters:
             if event_id <= applied:
                 if not future.done():
-                    future.set_result(None)
-            else:
+                    future.set_result(True)
+            elif not future.done():  # a waiter cancelled meanwhile is dropped
                 keep.append((event_id, future))
         self._waiters = keep
 
@@ -178,13 +178,16 @@ class Applier:
         """Wait until this node has applied ``event_id``; False after ``timeout``."""
         if event_id <= self.applied:
             return True
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.append((event_id, future))
+        timer = self.hub.scheduler.call_later(timeout, lambda: future.done() or future.set_result(False))
         try:
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+            applied = await future
+        finally:
+            timer.cancel()
+        if not applied:  # an id this node may never read (from the future, or another log): forget it
+            self._waiters = [(i, f) for i, f in self._waiters if f is not future]
+        return applied
 
 
 def _ticker_entry(topic: str, name: str, ticker: Ticker, text: str) -> bytes:
@@ -384,6 +387,7 @@ class ClusterPresence:
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        self.scheduler = broker.hub.scheduler
         self.local: dict[str, dict[str, int]] = {}       # room -> user -> this node's streams
         self.members: dict[str, set[str]] = {}           # room -> users present anywhere, as last known
         self._tasks: set[asyncio.Task[None]] = set()
@@ -469,7 +473,7 @@ class ClusterPresence:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis down: next time
                 log.debug("presence upkeep failed: %s", exc)
-            await asyncio.sleep(PRESENCE_SWEEP_S)
+            await self.scheduler.sleep(PRESENCE_SWEEP_S)
 
     async def _renew(self) -> None:
         expiry = _now_ms() + PRESENCE_TTL_S * 1000
