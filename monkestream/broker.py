@@ -42,7 +42,7 @@ from .sse import EventId
 log = logging.getLogger("monkestream")
 
 KEY_PREFIX = "monkestream:"      # every key the service uses starts with this
-READ_COUNT = 2000                # entries per XREAD
+READ_COUNT = 5000                # entries per XREAD
 READ_BLOCK_MS = 1000             # how long one XREAD waits for new entries
 RANGE_COUNT = 1000               # entries per XRANGE of a resume
 BACKOFF_MIN_S = 0.1
@@ -54,7 +54,8 @@ RETENTION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 PACKAGE_HINT = "pip install 'monkestream[redis]'"
 
-Entry = tuple[EventId, dict[bytes, bytes]]
+Entry = tuple[EventId, list[bytes]]          # an entry read: its id, its fields and values in a row
+Ranged = tuple[EventId, dict[bytes, bytes]]   # an entry of a range read: its fields by name
 Fields = dict[str, str] | bytes   # an entry to append: its fields, or packed_fields()
 
 
@@ -325,7 +326,7 @@ class Broker:
 
     # -- reading (Rules 1 and 3) ------------------------------------------------
 
-    async def range(self, after: EventId, end: EventId, count: int = RANGE_COUNT) -> list[Entry]:
+    async def range(self, after: EventId, end: EventId, count: int = RANGE_COUNT) -> list[Ranged]:
         """Entries after ``after`` up to ``end``, at most ``count`` (XRANGE)."""
         raw = await self.reader_client.xrange(self.key, "(" + _fmt(after), _fmt(end), count=count)
         return [(parse_id(i), fields) for i, fields in raw]
@@ -358,36 +359,44 @@ class Broker:
                 await self.hub.scheduler.sleep(backoff * random.uniform(0.5, 1.5))
                 backoff = min(BACKOFF_MAX_S, backoff * 2)
 
+    def _xread(self, after: EventId) -> Awaitable[Any]:
+        return self.reader_client.execute_command("XREAD", "COUNT", READ_COUNT, "BLOCK", READ_BLOCK_MS,
+                                                  "STREAMS", self.key, _fmt(after))
+
     async def _read_forever(self) -> None:
-        client = self.reader_client
         floor = FLOOR_NAME.encode()
         new_id = _new_id
-        while True:
-            got = await client.execute_command("XREAD", "COUNT", READ_COUNT, "BLOCK", READ_BLOCK_MS,
-                                               "STREAMS", self.key, _fmt(self.position))
-            rows = _rows(got)
-            if not rows:
-                self.lag_s = 0.0
-                await self._check_marker()  # a Redis restarted in between answers too: is it the same log?
-                continue
-            self.read += len(rows)
-            hub_last = self.hub.last_id()
-            entries: list[Entry] = []
-            for raw_id, flat in rows:
-                ms, _, seq = raw_id.partition(b"-")
-                event_id = new_id((int(ms), int(seq)))
-                if event_id <= hub_last:
-                    self.skipped += 1
+        ahead: asyncio.Task[Any] | None = None   # the next read, asked for while a full one is applied
+        try:
+            while True:
+                got = await (ahead if ahead is not None else self._xread(self.position))
+                ahead = None
+                rows = _rows(got)
+                if not rows:
+                    self.lag_s = 0.0
+                    await self._check_marker()  # a Redis restarted in between answers too: is it the same log?
                     continue
-                pairs = iter(flat)
-                fields = dict(zip(pairs, pairs))
-                if fields.get(b"n") != floor:
-                    entries.append((event_id, fields))
-            last = parse_id(rows[-1][0])
-            self.lag_s = max(0.0, time.time() - last.epoch / 1000)
-            if entries and self.apply is not None:
-                await self.apply(entries)
-            self.position = last
+                self.read += len(rows)
+                last = parse_id(rows[-1][0])
+                if len(rows) == READ_COUNT:  # more is waiting (a bulk, a catch-up): Redis sends it meanwhile
+                    ahead = asyncio.get_running_loop().create_task(self._xread(last))  # type: ignore[arg-type]
+                hub_last = self.hub.last_id()
+                entries: list[Entry] = []
+                for raw_id, flat in rows:
+                    ms, _, seq = raw_id.partition(b"-")
+                    event_id = new_id((int(ms), int(seq)))
+                    if event_id <= hub_last:
+                        self.skipped += 1
+                        continue
+                    if not (len(flat) == 2 and flat[1] == floor):
+                        entries.append((event_id, flat))
+                self.lag_s = max(0.0, time.time() - last.epoch / 1000)
+                if entries and self.apply is not None:
+                    await self.apply(entries)
+                self.position = last
+        finally:
+            if ahead is not None:
+                ahead.cancel()
 
     async def _check_marker(self) -> None:
         """Rule 3: the same log as before, still holding our position, or a counted gap."""

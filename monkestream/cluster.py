@@ -114,7 +114,19 @@ class Applier:
         publish = hub.publish
         prices: list[Event] = []
         note_latest = charts.note_latest
-        for event_id, fields in entries:
+        for event_id, flat in entries:
+            if len(flat) == 8 and flat[3] == b"price_update" and flat[6] == b"p" and flat[0] == b"t":
+                try:  # a price, as packed_fields laid it out: t, n, d, p
+                    symbol, price, currency, created = flat[7].decode().split("\t")
+                    ticker = _new_ticker((symbol, price, currency, int(created)))
+                    prices.append(publish(flat[1].decode(), "price_update", ticker, json_text=flat[5].decode(),
+                                          event_id=event_id))
+                    note_latest(ticker)
+                    continue
+                except (TopicLimit, ValueError, UnicodeDecodeError):
+                    pass  # counted below, where every entry is read by its field names
+            pairs = iter(flat)
+            fields = dict(zip(pairs, pairs))
             try:
                 name = fields[b"n"].decode()
                 topic = fields[b"t"].decode()
@@ -151,6 +163,8 @@ class Applier:
                     log.error("broker: log entry %s is not one of ours (%r); skipped", event_id, exc)
                 self.malformed += 1
             self.applied = event_id
+        if entries:
+            self.applied = entries[-1][0]
         if prices:
             ingest.logged(prices)
         self._wake()
