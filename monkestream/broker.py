@@ -190,6 +190,7 @@ class Broker:
         self.gaps = 0
         self.last_gap: str | None = None
         self.appended = 0
+        self.last_appended = EventId(0, 0)   # the newest entry this node appended
         self.read = 0
         self.write_refusals = 0
         self.skipped = 0                  # entries at or below the hub's last id (after a lost log)
@@ -240,6 +241,8 @@ class Broker:
                     pass
                 continue
             self.appended += len(raw)
+            if raw:
+                self.last_appended = parse_id(raw[-1])
             start = 0
             for group, future in batch:
                 if not future.done():

@@ -8,7 +8,9 @@ Rule 1: writes go to the log, reads come from it. Ingest, comments and
         read, what a single process does on a write: a comment is written
         to SQLite before it is published, a deletion deleted first, prices
         are published and so reach the store and chart pipelines. So every
-        node holds the same history and comments, under the same ids.
+        node holds the same history and comments, under the same ids. Ingest
+        refuses (503) while this node has not applied what it appended
+        ``LOG_BEHIND_MAX_S`` ago, so feeders cannot run the log past the nodes.
 Rule 2: resume anywhere. A stream resuming after id A is owed every event of
         its topics after A: from the hub's rings while they reach back to A,
         else from the log (XRANGE) while it holds A, else for a ticker topic
@@ -45,7 +47,7 @@ from .chat import Chat, Membership, _key_hash, parse_room, parse_text, parse_use
 from .config import Config
 from .errors import Unavailable
 from .hub import Backlog, Event, Hub, TopicLimit
-from .ingest import MAX_UNPERSISTED, SYMBOLS_TOPIC, Ingest, TooManyTopics, TOPICS_RETRY_S
+from .ingest import BEHIND_RETRY_S, MAX_UNPERSISTED, SYMBOLS_TOPIC, TOPICS_RETRY_S, Ingest, IngestRefused, TooManyTopics
 from .jsontext import dumps
 from .replay import MIN_FRAME_BYTES, MIN_ROWS_PER_SYMBOL, Replayer, Stored
 from .routing import Exchange, HTTPError, Response, json_response
@@ -61,6 +63,7 @@ PRESENCE_RENEW_S = 5.0        # how often a node renews its own entries
 PRESENCE_SWEEP_S = 2.0        # how often a node looks for expired entries
 APPLIED_WAIT_S = 3.0          # how long a write waits to be applied here, or a resume for its id
 PRESENCE_LEAVE_WAIT_S = 2.0   # a stopping node waits this long for its users' leaves to reach Redis
+LOG_BEHIND_MAX_S = 2.0        # ingest refuses while this node has not applied what it appended this long ago
 LOG_SCAN_MAX = 100_000        # log entries one resume reads at most
 WAIT_BACKPRESSURE_S = 0.05    # while SQLite is behind, the reader waits this long between checks
 LIVE_ONLY = frozenset({"user_joined", "user_left"})
@@ -214,7 +217,21 @@ class LogIngest(Ingest):
     def __init__(self, broker: Broker, hub: Hub, charts: ChartCache, **kwargs: Any) -> None:
         super().__init__(hub, charts, **kwargs)
         self.broker = broker
+        self.applied: Callable[[], EventId] = lambda: EventId(0, 0)   # the last entry this node applied
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def check_capacity(self, count: int = 0) -> None:
+        """Ingest's limits, and one more: this node applies what it appends (Rule 1).
+
+        While its reader is more than LOG_BEHIND_MAX_S behind the node's own last
+        append, it refuses, so a feeder cannot push the log past what the nodes
+        apply, until retention trims what they have not read.
+        """
+        super().check_capacity(count)
+        behind_ms = self.broker.last_appended.epoch - self.applied().epoch
+        if behind_ms > LOG_BEHIND_MAX_S * 1000:
+            raise IngestRefused(f"this node is {behind_ms / 1000:.1f} s behind the log; retry shortly",
+                                BEHIND_RETRY_S)
 
     async def append(self, tickers: list[Ticker], texts: list[str]) -> None:
         """Append validated tickers to the log in one pipeline (all or none); Unavailable while Redis is down."""
@@ -241,7 +258,7 @@ class LogIngest(Ingest):
     async def _append_quietly(self, tickers: list[Ticker]) -> None:
         try:
             await self.append(tickers, [t.to_json() for t in tickers])
-        except (Unavailable, TooManyTopics) as exc:
+        except (Unavailable, IngestRefused) as exc:
             log.debug("demo prices not appended: %s", exc)
 
     def logged(self, events: list[Event]) -> None:
@@ -634,7 +651,8 @@ class Node:
 
     def ingest(self, hub: Hub, charts: ChartCache, **kwargs: Any) -> LogIngest:
         ingest = LogIngest(self.broker, hub, charts, **kwargs)
-        self.applier = Applier(hub, self.store, charts, ingest, self.presence)
+        applier = self.applier = Applier(hub, self.store, charts, ingest, self.presence)
+        ingest.applied = lambda: applier.applied
         self.broker.apply = self.applier.apply
         return ingest
 

@@ -175,3 +175,26 @@ def test_a_node_coming_back_catches_up_from_its_own_position_without_duplicates(
     time.sleep(0.3)
     assert [t["price"] for t in history(b)] == list(range(1, 21))
     assert health(b)["broker"]["gaps"] == 0
+
+
+def test_cluster_rule_1_ingest_refuses_while_this_node_has_not_applied_what_it_appended():
+    from monkestream.broker import Broker
+    from monkestream.charts import ChartCache
+    from monkestream.cluster import LOG_BEHIND_MAX_S, LogIngest
+    from monkestream.hub import Hub
+    from monkestream.ingest import IngestRefused
+    from monkestream.sse import EventId
+
+    hub = Hub(epoch=0)
+    broker = Broker("redis://127.0.0.1:1/0", "1000", hub)  # never connected: only its bookkeeping is used
+    ingest = LogIngest(broker, hub, ChartCache(), flush_interval=1.0)
+    now_ms = int(time.time() * 1000)
+    broker.last_appended = EventId(now_ms, 3)
+    ingest.applied = lambda: EventId(now_ms - int(LOG_BEHIND_MAX_S * 1000), 0)
+    ingest.check_capacity(10)  # just within
+    ingest.applied = lambda: EventId(now_ms - int(LOG_BEHIND_MAX_S * 1000) - 1, 7)
+    with pytest.raises(IngestRefused) as refused:
+        ingest.check_capacity(10)
+    assert refused.value.retry_after >= 1 and "behind the log" in str(refused.value)
+    ingest.applied = lambda: EventId(now_ms, 3)  # caught up
+    ingest.check_capacity(10)
