@@ -7,7 +7,10 @@ sustained rate), and overall until the last window is in SQLite; checks nothing 
 On Linux it also reports the server's CPU time per ticker, split between the SQLite
 threads and the rest (the event loop), a figure the machine's noise moves less.
 
-    python3 examples/bulk_ingest.py [--batches 50] [--conns 2] [--checkout DIR]
+    python3 examples/bulk_ingest.py [--batches 50] [--conns 2] [--checkout DIR] [--broker redis://...]
+
+With --broker the server appends every batch to that Redis log and writes SQLite from
+what it reads back: "accepted" is then "in the log", and the rest is end to end.
 """
 
 from __future__ import annotations
@@ -30,14 +33,18 @@ ROOT = Path(__file__).resolve().parent.parent
 BATCH = 10_000
 
 
-def start_server(db: str, checkout: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(db: str, checkout: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    proc = subprocess.Popen([*pin, sys.executable, "-m", "monkestream", "--port", "0", "--no-demo", "--db", db],
+    proc = subprocess.Popen([*pin, sys.executable, "-m", "monkestream", "--port", "0", "--no-demo", "--db", db, *extra],
                             cwd=checkout, stderr=subprocess.PIPE)
     assert proc.stderr is not None
-    line = proc.stderr.readline().decode()
-    port = int(re.search(r":(\d+) \(loop", line).group(1))  # type: ignore[union-attr]
-    return proc, port
+    while True:  # notices about limits may come first
+        line = proc.stderr.readline().decode()
+        if not line:
+            raise RuntimeError("the server exited before listening")
+        found = re.search(r":(\d+) \(loop", line)
+        if found:
+            return proc, int(found.group(1))
 
 
 def sender(port: int, bodies: list[bytes], acked: list[int]) -> None:
@@ -86,12 +93,13 @@ def main() -> int:
     parser.add_argument("--conns", type=int, default=2)
     parser.add_argument("--checkout", type=Path, default=ROOT,
                         help="run the server from this checkout (to compare two versions side by side)")
+    parser.add_argument("--broker", default="", help="run the server as a node on this Redis log")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
         os.sched_setaffinity(0, {1})
     tmp = tempfile.mkdtemp()
     db = os.path.join(tmp, "bulk.db")
-    proc, port = start_server(db, args.checkout)
+    proc, port = start_server(db, args.checkout, ["--broker", args.broker] if args.broker else [])
     try:
         bodies = [json.dumps([{"symbol": f"S{i % 50}", "price": f"{b + 1}.{i:05d}"} for i in range(BATCH)]).encode()
                   for b in range(args.batches)]

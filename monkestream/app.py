@@ -53,7 +53,7 @@ from .limits import fit_streams
 from .metrics import Monitor
 from .ops import buffer_time, pipe
 from .ratelimit import RateLimiter
-from .relay import Relay, RelayReplayer
+from .relay import Relay
 from .replay import Replayer
 from .routing import Router
 from .server import Server
@@ -88,7 +88,12 @@ class App:
                        limits={"ticker": config.max_topics, "room": config.max_rooms, SYMBOLS_TOPIC: 1},
                        ring_bytes_max=config.replay_bytes)
         self.charts = ChartCache(max_symbols=config.max_topics)
-        self.ingest = Ingest(self.hub, self.charts,
+        self.node: Any = None   # with --broker: the cluster's parts (cluster.Node)
+        if config.broker:
+            from .cluster import Node
+            self.node = Node(config, self.hub, self.store, self.charts)
+        node = self.node
+        self.ingest = (Ingest if node is None else node.ingest)(self.hub, self.charts,
                              flush_interval=config.flush_interval, scheduler=self.scheduler,
                              database_failing=lambda: self.store.failing)
         self.supervisor = Supervisor(self.scheduler)
@@ -96,25 +101,26 @@ class App:
         self.server = Server(config, self.hub, self.router, scheduler=self.scheduler)
         token = BearerToken(config.token)
         self.relay: Relay | None = None
-        replayer: Replayer | RelayReplayer
+        replayer: Any
         if config.upstream:  # Rule 6
             self.relay = Relay(self.hub, self.charts, url=config.upstream, token=config.token,
                                budget_bytes=config.stream_buffer, scheduler=self.scheduler)
             replayer = self.relay.replayer
             self.hub.follows = True
         else:
-            replayer = Replayer(self.hub, self.store, budget_bytes=config.stream_buffer, stored_symbol=topic_symbol)
+            replayer = (Replayer if node is None else node.replayer)(
+                self.hub, self.store, budget_bytes=config.stream_buffer, stored_symbol=topic_symbol)
         open_stream = StreamOpener(self.hub, replayer)
-        self.chat = Chat(self.hub, self.store,
+        self.chat = (Chat if node is None else node.chat)(self.hub, self.store,
                          RateLimiter(config.comment_rate, config.comment_burst, scheduler=self.scheduler),
                          RateLimiter(config.join_rate, config.join_burst, scheduler=self.scheduler),
                          has_token=token.carried_by, open_stream=open_stream,
                          make_member=self.relay.presence.member if self.relay is not None else None)
-        self.tickers = TickerRoutes(self.ingest, self.store, self.charts,
+        self.tickers = (TickerRoutes if node is None else node.tickers)(self.ingest, self.store, self.charts,
                                     authorize=token.require, open_stream=open_stream)
         monitor = Monitor(config=config, hub=self.hub, server=self.server, store=self.store, ingest=self.ingest,
                           tickers=self.tickers, chat=self.chat, replayer=replayer, has_token=token.carried_by,
-                          supervisor=self.supervisor, relay=self.relay)
+                          supervisor=self.supervisor, relay=self.relay, broker=None if node is None else node.broker)
         for routes in (StaticFiles(), self.tickers, TopicStreams(open_stream, self.chat.membership, authorize=token.require,
                                                                   relay_buffer=config.relay_buffer),
                        self.chat, monitor):
@@ -141,6 +147,8 @@ class App:
         self._subs = [store_sub, chart_sub]
         self.supervisor.start("persist", lambda: self._persist(store_sub))
         self.supervisor.start("charts", lambda: self._chart(chart_sub))
+        if self.node is not None:  # after the pipelines subscribed: what the log holds reaches them
+            await self.node.start()
         if self.config.history_days:
             self._retention = asyncio.create_task(self._retain(), name="retention")
         self._expire_topics()
@@ -161,6 +169,8 @@ class App:
         await self.server.stop()
         if self.relay is not None:
             await self.relay.stop()
+        if self.node is not None:
+            await self.node.stop()
         if self._expiry is not None:
             self._expiry.cancel()
         if self._retention is not None:
@@ -174,6 +184,8 @@ class App:
         await self.supervisor.stop()
         if self.relay is None:
             await self.store.close(self.hub.seq)
+        if self.node is not None:
+            await self.node.close()
 
     async def _warm_charts(self) -> None:
         now = int(time.time())
@@ -206,8 +218,14 @@ class App:
         """Write the oldest batches held, retried while the database refuses them (Rule 3)."""
         count = sum(len(batch) for batch in window)
         written = window[-1][-1].seq
+        if self.node is not None:  # ids from the log: each row keeps its own, and the position is kept
+            written = window[-1][-1].id  # type: ignore[assignment]
         while True:
             try:
+                if self.node is not None:
+                    await self.store.append_logged(((e.epoch, e.seq, e.data) for batch in window for e in batch),
+                                                   count, window[-1][-1].id)
+                    break
                 # a generator: the writer thread, not the event loop, walks the window
                 await self.store.append_tickers(((e.seq, e.data) for batch in window for e in batch),
                                                 count, written)

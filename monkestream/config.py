@@ -70,6 +70,9 @@ class Config:
     comment_burst: int = field(default=5, metadata={"help": "comments a client may post in a burst", "min": 1, "max": 100000})
     join_rate: float = field(default=16.0, metadata={"help": "room joins per second a client may make with ?user= (sustained)", "min": 0.001, "max": 100000})
     join_burst: int = field(default=96, metadata={"help": "room joins a client may make in a burst (a stream of more rooms costs all of it)", "min": 1, "max": 100000})
+    # scaling out
+    broker: str = field(default="", metadata={"help": "redis://[user:password@]host:port/db (or rediss://): nodes sharing this Redis log are one service (needs pip install 'monkestream[redis]')"})
+    broker_retention: str = field(default="1000000", metadata={"help": "what the log keeps: N events, or an age like 3600s, 60m, 24h, 7d (Redis trims it)"})
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -95,6 +98,13 @@ class Config:
                 raise ConfigError(f"--upstream: {exc}") from None
         if self.workers > 1 and self.upstream:
             raise ConfigError("--workers and --upstream: a relay runs as one process")
+        if self.broker:
+            from .broker import check_url, import_redis, parse_retention
+            check_url(self.broker)
+            parse_retention(self.broker_retention)
+            import_redis()
+        if self.broker and self.upstream:
+            raise ConfigError("--broker and --upstream: a relay follows its upstream, which may be a broker node")
         try:
             parse_networks(self.trusted_proxies)
         except ValueError as exc:
@@ -104,6 +114,9 @@ class Config:
         """The settings, with the token hidden (for logs and /healthz); without file paths unless ``paths``."""
         out = dataclasses.asdict(self)
         out["token"] = "set" if self.token else ""
+        if self.broker:
+            from .broker import hide_password
+            out["broker"] = hide_password(self.broker)
         if not paths:
             for f in dataclasses.fields(self):
                 if f.metadata.get("path"):

@@ -11,7 +11,7 @@ import errno
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from .chat import Chat
 from .config import Config
@@ -55,6 +55,7 @@ class Monitor:
     supervisor: Supervisor | None = None   # the background pipelines, when they are supervised
     relay: Relay | None = None             # a relay's upstream, follower and forwarder
     started_at: float = field(default_factory=time.time)
+    broker: Any = None                     # with --broker: the log in Redis (broker.Broker)
 
     def register(self, router: Router) -> None:
         add = router.add
@@ -92,6 +93,8 @@ class Monitor:
         }
         if self.relay is not None:
             health["upstream"] = self.relay.health()
+        if self.broker is not None:
+            health["broker"] = self.broker.health()
         if not self.config.token or self.has_token(ex.request):
             health["config"] = self.config.summary(paths=False)
         return json_response(health)
@@ -104,7 +107,8 @@ class Monitor:
         """Whether nothing is failing: database writes, accepting connections, the pipelines."""
         return (self.store.failing is None and self._short_of() is None
                 and (self.supervisor is None or self.supervisor.healthy)
-                and (self.relay is None or self.relay.follower.connected))
+                and (self.relay is None or self.relay.follower.connected)
+                and (self.broker is None or self.broker.connected))
 
     def _role(self) -> str:
         return "relay" if self.relay is not None else "origin"
@@ -205,6 +209,9 @@ class Monitor:
                        [(f'{{pipeline="{p.name}"}}', int(p.state == "running")) for p in pipelines])
         out += _family("monkestream_errors_total", "counter", "Unexpected errors (each also logged).",
                        [("", server.errors)])
+        if self.broker is not None:
+            for name, kind, help_text, value in self.broker.metrics():
+                out += _family(name, kind, help_text, [("", value)])
         return "\n".join(out) + "\n"
 
     def _relay_families(self, relay: Relay) -> list[str]:

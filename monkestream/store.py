@@ -50,7 +50,7 @@ COMMENTS_LIMIT_MAX = 500
 PRUNE_CHUNK_ROWS = 10000
 PRUNE_SYMBOLS_MAX = 1_000_000   # symbols one prune walks (far above any --max-topics)
 RUNS_KEPT = 1000                # earlier runs whose ends are known to resumes
-ROWS_PER_INSERT = 100     # rows per INSERT statement: 500 variables, under even old SQLite's 999
+ROWS_PER_INSERT = 100     # rows per INSERT statement: 500 variables (600 with their epochs), under even old SQLite's 999
 THREAD_NICE = 5           # the SQLite threads' niceness (the loop keeps the process's)
 FAILING_RETRY_S = 5       # what a client is told to wait while the database cannot be written
 # SQLite's primary result codes for a disk or file system that refuses (Rule 6)
@@ -164,6 +164,7 @@ class Store:
         self.rows_pruned = 0
         self.failing: str | None = None   # why writes fail, while they do (Rule 6)
         self.write_failures = 0       # episodes of failing writes
+        self.log_applied = EventId(0, 0)  # with --broker: the last log id whose tickers are on disk
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -391,6 +392,85 @@ class Store:
             "DELETE FROM tickers WHERE (symbol, epoch, seq) IN (SELECT symbol, epoch, seq FROM tickers "
             "WHERE symbol = ? AND created_at < ? LIMIT ?)", (symbol, before, PRUNE_CHUNK_ROWS))
         return cur.rowcount
+
+    # -- the broker's log (with --broker) ----------------------------------------
+
+    async def log_state(self) -> dict[str, str]:
+        """What this database knows of the broker's log: ``applied``, ``since``, ``marker`` (absent: nothing)."""
+        return await self._read(self._log_state_sync)
+
+    def _log_state_sync(self) -> dict[str, str]:
+        assert self._rconn is not None
+        rows = self._rconn.execute("SELECT key, value FROM meta WHERE key IN ('log_applied', 'log_since', 'log_marker') LIMIT 3")
+        return {key[len("log_"):]: str(value) for key, value in rows}
+
+    async def set_log_state(self, **values: str) -> None:
+        await self._write(self._set_log_state_sync, values)
+
+    def _set_log_state_sync(self, values: dict[str, str]) -> None:
+        assert self._wconn is not None
+        self._wconn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                [("log_" + key, value) for key, value in values.items()])
+
+    async def append_logged(self, rows: Iterable[tuple[int, int, Ticker]], count: int, last: EventId) -> None:
+        """Write one window of tickers read from the log, each under its log id, and the log position applied.
+
+        One transaction: the position never runs ahead of the rows.
+        """
+        if not count:
+            return
+        started = time.perf_counter()
+        await self._write(self._append_logged_sync, rows, f"{last.epoch}-{last.seq}")
+        self.flush_seconds_total += time.perf_counter() - started
+        self.batches_written += 1
+        self.rows_written += count
+        self.last_batch_rows = count
+        self.log_applied = max(self.log_applied, last)
+
+    def _append_logged_sync(self, rows: Iterable[tuple[int, int, Ticker]], last: str) -> None:
+        assert self._wconn is not None
+        conn = self._wconn
+        flat: list[Any] = []
+        add = flat.extend
+        for epoch, seq, ticker in rows:
+            add((epoch, seq, *ticker))
+        # many rows per statement, as in _append_sync: fewer GIL releases for the event loop to pay for
+        step = ROWS_PER_INSERT * 6
+        whole = len(flat) - len(flat) % step
+        insert = "INSERT OR IGNORE INTO tickers (epoch, seq, symbol, price, currency, created_at) VALUES "
+        conn.execute("BEGIN")
+        try:
+            if whole:
+                conn.executemany(insert + ",".join(["(?,?,?,?,?,?)"] * ROWS_PER_INSERT),
+                                 (flat[i:i + step] for i in range(0, whole, step)))
+            if whole < len(flat):
+                conn.executemany(insert + "(?,?,?,?,?,?)", (flat[i:i + 6] for i in range(whole, len(flat), 6)))
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('log_applied', ?)", (last,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
+
+    async def max_comment_id(self) -> int:
+        """The largest comment id stored (0 with none)."""
+        return await self._read(self._max_comment_id_sync)
+
+    def _max_comment_id_sync(self) -> int:
+        assert self._rconn is not None
+        return int(self._rconn.execute("SELECT COALESCE(MAX(id), 0) FROM comments").fetchone()[0])
+
+    async def put_comment(self, comment: Comment, delete_key: str) -> None:
+        """Store a comment read from the log under its own id (again is a no-op)."""
+        await self._write(self._put_comment_sync, comment, delete_key)
+
+    def _put_comment_sync(self, c: Comment, delete_key: str) -> None:
+        assert self._wconn is not None
+        self._wconn.execute("INSERT OR IGNORE INTO comments (id, room, user, text, created_at, delete_key) "
+                            "VALUES (?,?,?,?,?,?)", (c.id, c.room, c.user, c.text, c.created_at, delete_key))
 
     # -- comments -------------------------------------------------------------
 
