@@ -33,7 +33,10 @@
 # from its source into the temp dir) or SSEBENCH (a built ssebench); FANOUT_RATE (5 per
 # loader), FANOUT_WINDOW (20 s sampled), LAT_RATE (50), IDLE_PER_PROC (17000), FIGS (which
 # measurements: default "1 2 3"; e.g. FIGS=2 for more latency rounds alone),
-# RESULTS (JSON lines kept, default /tmp/relay_bench-DATE.jsonl), PYTHON (python3).
+# RESULTS (JSON lines kept, default /tmp/relay_bench-DATE.jsonl), PYTHON (python3);
+# HOP_ORIGIN_CPU=1 moves the origin to that CPU (with the loader) while a relay serves the
+# latency clients, and back to CPU 0 while the origin does, so the relay has CPU 0 to itself
+# as the origin has in its own runs (relays on other cores or machines, as deployed).
 # Servers listen on --port 0 (the port is read from their log), in a temp dir removed at
 # the end. uvloop is used by the servers when installed; the loop is printed.
 set -u
@@ -335,6 +338,9 @@ latency() {  # ROUND origin|relay|hop
     relay) port=$R1_PORT;;
     hop) port=$R1_PORT pub=(--pub-port "$O_PORT");;   # streams from the relay, publishes to the origin
   esac
+  if [[ -n ${HOP_ORIGIN_CPU:-} ]]; then  # the serving process alone on CPU 0; the other shares the loader's
+    taskset -a -p -c "$([[ $where == origin ]] && echo 0 || echo "$HOP_ORIGIN_CPU")" "$O_PID" >/dev/null
+  fi
   taskset -c 1 "$ssb" --port "$port" "${pub[@]}" --symbol "L${where:0:1}$r" --pid "$O_PID" --pid "$R1_PID" --pid "$R2_PID" \
     --clients 1000 --rate "$lat_rate" \
     --warmup 2 --duration 10 --json --quiet --loader-core 1 --server-core 0 >"$tmp/l.json" &

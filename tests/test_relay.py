@@ -600,3 +600,15 @@ def test_relay_rule_1_a_relay_gets_every_event_of_a_bulk_flood_losslessly(tmp_pa
         assert ids(got) == sorted(set(ids(got)))
         assert healthz(r.port)["lastEventId"] == healthz(o.port)["lastEventId"]
         assert healthz(r.port)["upstream"]["connects"] == 1   # never cut off on the way
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--upstream", "ftp://127.0.0.1:1"], "--upstream"),
+    (["--upstream", "http://127.0.0.1:1", "--workers", "2"], "--workers and --upstream"),
+    (["--upstream", "http://127.0.0.1:1", "--broker", "redis://127.0.0.1:1/0"], "--broker and --upstream"),
+])
+def test_relay_settings_that_cannot_go_together_stop_start_up(args, message):
+    from monkestream.config import load
+    from monkestream.errors import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        load(args, environ={})
