@@ -109,6 +109,7 @@ def test_cluster_rule_3_presence_is_cluster_wide_and_a_dead_nodes_users_leave(cl
     a, b, c = cluster.node("a"), cluster.node("b"), cluster.node("c")
     with SSEClient(c.port, "/room/lobby/event?user=obs", timeout=40) as observer:
         observer.wait_for(1, name="members")
+        observer.wait_for(1, name="user_joined")  # its own join, read back from the log, before ann's tabs
         tab_a = SSEClient(a.port, "/room/lobby/event?user=ann")
         tab_b = SSEClient(b.port, "/room/lobby/event?user=ann")
         observer.wait_for(2, name="user_joined")  # obs, then ann once
