@@ -27,6 +27,7 @@ Rule 6: a write the disk or the file system refuses (full, read-only, I/O
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -34,7 +35,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from .errors import Unavailable
 from .sse import EventId
@@ -95,6 +96,41 @@ def _insert_statement(epoch: int, rows: int) -> str:
     values = f"({int(epoch)},?,?,?,?,?)"
     return ("INSERT OR IGNORE INTO tickers (epoch, seq, symbol, price, currency, created_at) VALUES "
             + ",".join([values] * rows))
+
+
+def _logged_insert_statement(rows: int) -> str:
+    """INSERT of ``rows`` tickers read from a broker's log, each with its own epoch."""
+    return ("INSERT OR IGNORE INTO tickers (epoch, seq, symbol, price, currency, created_at) VALUES "
+            + ",".join(["(?,?,?,?,?,?)"] * rows))
+
+
+def _insert_rows(conn: sqlite3.Connection, statement: Callable[[int], str], width: int, flat: list[Any]) -> None:
+    """Insert ``flat`` (``width`` values a row), ROWS_PER_INSERT rows per statement.
+
+    sqlite3 releases the GIL at every step, and on one core each release is a
+    thread switch that the event loop pays for: many rows per step, few steps.
+    """
+    step = ROWS_PER_INSERT * width
+    whole = len(flat) - len(flat) % step
+    if whole:
+        conn.executemany(statement(ROWS_PER_INSERT), (flat[i:i + step] for i in range(0, whole, step)))
+    if whole < len(flat):
+        conn.executemany(statement(1), (flat[i:i + width] for i in range(whole, len(flat), width)))
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN ... COMMIT; on any error the transaction is rolled back whole and the error raised (Rule 6)."""
+    conn.execute("BEGIN")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        # a full disk may have rolled it back already, or failed the COMMIT and left it open
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,26 +288,8 @@ class Store:
         add = flat.extend
         for seq, ticker in rows:
             add((seq, *ticker))
-        # Many rows per statement: sqlite3 releases the GIL at every step, and on one
-        # core each release is a thread switch that the event loop pays for.
-        step = ROWS_PER_INSERT * 5
-        whole = len(flat) - len(flat) % step
-        conn.execute("BEGIN")
-        try:
-            if whole:
-                conn.executemany(_insert_statement(self.epoch, ROWS_PER_INSERT),
-                                 (flat[i:i + step] for i in range(0, whole, step)))
-            if whole < len(flat):
-                conn.executemany(_insert_statement(self.epoch, 1), (flat[i:i + 5] for i in range(whole, len(flat), 5)))
-            conn.execute("COMMIT")
-        except BaseException:
-            # a full disk may have rolled it back already, or failed the COMMIT and left it open
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-            raise
+        with _transaction(conn):
+            _insert_rows(conn, lambda n: _insert_statement(self.epoch, n), 5, flat)
 
     async def history(self, symbol: str, since: int | None, until: int | None, limit: int) -> list[Ticker]:
         """The newest ``limit`` tickers of a symbol in [since, until], oldest first."""
@@ -434,26 +452,9 @@ class Store:
         add = flat.extend
         for epoch, seq, ticker in rows:
             add((epoch, seq, *ticker))
-        # many rows per statement, as in _append_sync: fewer GIL releases for the event loop to pay for
-        step = ROWS_PER_INSERT * 6
-        whole = len(flat) - len(flat) % step
-        insert = "INSERT OR IGNORE INTO tickers (epoch, seq, symbol, price, currency, created_at) VALUES "
-        conn.execute("BEGIN")
-        try:
-            if whole:
-                conn.executemany(insert + ",".join(["(?,?,?,?,?,?)"] * ROWS_PER_INSERT),
-                                 (flat[i:i + step] for i in range(0, whole, step)))
-            if whole < len(flat):
-                conn.executemany(insert + "(?,?,?,?,?,?)", (flat[i:i + 6] for i in range(whole, len(flat), 6)))
+        with _transaction(conn):
+            _insert_rows(conn, _logged_insert_statement, 6, flat)
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('log_applied', ?)", (last,))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-            raise
 
     async def max_comment_id(self) -> int:
         """The largest comment id stored (0 with none)."""
