@@ -229,13 +229,16 @@ class Chat:
         comments = await self.store.comments(room, limit or COMMENTS_DEFAULT_LIMIT)
         return json_response({"room": room, "comments": [c.to_dict() for c in comments]})
 
-    async def post_comment(self, ex: Exchange) -> Response:
+    def comment_request(self, ex: Exchange) -> tuple[str, str, str]:
+        """The room, user and text of a comment being posted; HTTPError 400/422 for bad ones."""
         room = parse_room(ex.params["room"])
         body = params.json_body(ex)
         if not isinstance(body, dict):
             raise HTTPError(400, "body: must be a JSON object with user and text")
-        user = parse_user(body.get("user"))
-        text = parse_text(body.get("text"))
+        return room, parse_user(body.get("user")), parse_text(body.get("text"))
+
+    async def post_comment(self, ex: Exchange) -> Response:
+        room, user, text = self.comment_request(ex)
         if not self.limiter.allow(ex.client):
             self.comments_refused += 1
             raise HTTPError(429, "too many comments; slow down", [_retry_after(self.limiter, ex.client)])

@@ -43,7 +43,7 @@ from typing import Any, Callable
 from . import params
 from .broker import Broker, Entry, packed_fields, parse_id
 from .charts import ChartCache
-from .chat import Chat, Membership, _key_hash, parse_room, parse_text, parse_user, room_topic
+from .chat import Chat, Membership, _key_hash, parse_room, room_topic
 from .config import Config
 from .errors import Unavailable
 from .hub import Backlog, Event, Hub, TopicLimit
@@ -591,12 +591,7 @@ class ClusterChat(Chat):
             raise HTTPError(429, "too many comments; slow down", [("Retry-After", str(retry))])
 
     async def post_comment(self, ex: Exchange) -> Response:
-        room = parse_room(ex.params["room"])
-        body = params.json_body(ex)
-        if not isinstance(body, dict):
-            raise HTTPError(400, "body: must be a JSON object with user and text")
-        user = parse_user(body.get("user"))
-        text = parse_text(body.get("text"))
+        room, user, text = self.comment_request(ex)
         topic = room_topic(room)
         self._reserve(topic)  # the room fits this node's budget (chat Rule 8)
         self.hub.release([topic])
