@@ -57,10 +57,16 @@ class StreamOpener:
         self.hub = hub
         self.replayer = replayer
 
+    def _position(self, ex: Exchange) -> str:
+        """Rule 1: the request's Last-Event-ID (or lastEventId), else where the hub stands now."""
+        last_id = ex.request.header("last-event-id")
+        if last_id is None:
+            last_id = one(ex.request.query_params(), "lastEventId")
+        return last_id or str(self.hub.last_id())
+
     def every_topic(self, ex: Exchange, cap_bytes: int) -> EventStream:
         """The all-topics stream (Rule 4), resuming like any other; it reserves no topic."""
-        last_id = ex.request.header("last-event-id") or one(ex.request.query_params(), "lastEventId")
-        position = last_id or str(self.hub.last_id())
+        position = self._position(ex)
         replayer = self.replayer
 
         async def prepare() -> Callable[[], Backlog]:
@@ -69,15 +75,12 @@ class StreamOpener:
 
     def __call__(self, ex: Exchange, topics: list[str], member: Member | None = None) -> EventStream:
         """An event stream on ``topics`` for this request (Rules 1 and 2), with ``member`` present while it lasts."""
-        last_id = ex.request.header("last-event-id")
-        if last_id is None:
-            last_id = one(ex.request.query_params(), "lastEventId")
+        position = self._position(ex)
         hub = self.hub
         try:
             hub.reserve(topics)  # Rule 2: the check and the creation in one step
         except TopicLimit as exc:
             raise http_error(exc) from None
-        position = last_id or str(hub.last_id())
         replayer = self.replayer
         held = True
 
