@@ -49,7 +49,7 @@ from .errors import Unavailable
 from .hub import Backlog, Event, Hub, TopicLimit
 from .ingest import BEHIND_RETRY_S, MAX_UNPERSISTED, SYMBOLS_TOPIC, TOPICS_RETRY_S, Ingest, IngestRefused, TooManyTopics
 from .jsontext import dumps
-from .replay import MIN_FRAME_BYTES, MIN_ROWS_PER_SYMBOL, Replayer, Stored
+from .replay import Replayer, Stored
 from .routing import Exchange, HTTPError, Response, json_response
 from .sse import EventId, encode_event
 from .store import Comment, Store
@@ -384,18 +384,10 @@ class LogReplayer(Replayer):
         return {t: Held(r, complete, position if complete else (r[-1][0] if r else after)) for t, r in rows.items()}
 
     async def _from_sqlite(self, topics: list[str], after: EventId) -> dict[str, Stored | None]:
+        """The replayer's own SQLite read, each part complete up to what SQLite held when it began."""
         upto = self.store.log_applied
-        limit = max(MIN_ROWS_PER_SYMBOL, self.budget_bytes // MIN_FRAME_BYTES // len(topics)) + 1
-        symbols = {t: self._stored_symbol(t) or "" for t in topics}
-        self.sqlite_reads += 1
-        got = await self.store.replay_many(list(symbols.values()), after, limit)
-        out: dict[str, Stored | None] = {}
-        for topic, symbol in symbols.items():
-            rows = got.get(symbol)
-            out[topic] = None if rows is None else Held(
-                [(s.id, encode_event("price_update", s.ticker.to_json(), str(s.id))) for s in rows],
-                len(rows) < limit, upto)
-        return out
+        got = await self._read(topics, after)
+        return {t: None if part is None else Held(part.rows, part.complete, upto) for t, part in got.items()}
 
     def _topic(self, topic: str, after: EventId, stored: Stored | None) -> list[tuple[EventId, bytes]] | None:
         hub = self.hub
